@@ -1,0 +1,471 @@
+"""PURE rules of the libvirt kinds (StoragePool, Disk, VirtualMachine): checking and normalising
+declared specs, the references they make, and classifying desired vs live into actions with reasons."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..model import Action, FieldChange, Live, Options, Resource, ResourceId
+from ..units import UnitError, format_bytes, parse_bytes
+
+# Qcow2 and dir pools round capacities up to a sector; a difference smaller than this is not drift.
+CAPACITY_SLACK = 512
+
+_DISK_PREFIX_BUS = {"vd": "virtio", "sd": "scsi", "hd": "ide", "xv": "xen"}
+
+
+def show(path: str, value: Any) -> Any:
+    """A value as a user wrote it (bytes back to units) for output."""
+    if isinstance(value, int) and not isinstance(value, bool) and path.endswith(("memory", "Memory", "capacity")):
+        return format_bytes(value)
+    return value
+
+
+class PlanContext:
+    """What a classify function may consult besides its own desired and live objects."""
+
+    def __init__(self, desired: dict, objects: dict, context: dict, options: Options):
+        self.desired = desired        # ResourceId -> Resource
+        self.objects = objects        # ResourceId -> Live
+        self.context = context        # provider facts: pools on the host, machine aliases, ...
+        self.options = options
+
+
+def _noop(r: Resource, live: Live | None, reason: str) -> Action:
+    return Action("noop", r.id, reason, desired=r, live=live)
+
+
+def _labels_change(r: Resource, live: Live) -> list[FieldChange]:
+    if dict(r.labels) != dict(live.labels):
+        return [FieldChange("metadata.labels", dict(live.labels), dict(r.labels), "live")]
+    return []
+
+
+# --------------------------------------------------------------------------- StoragePool
+
+class StoragePoolRules:
+    kind = "StoragePool"
+
+    @staticmethod
+    def check(name: str, spec: dict):
+        return []
+
+    @staticmethod
+    def normalise(spec: dict) -> dict:
+        return {"type": spec.get("type", "dir"), "path": spec["path"].rstrip("/") or "/",
+                "autostart": spec.get("autostart", True), "state": spec.get("state", "present")}
+
+    @staticmethod
+    def references(spec: dict):
+        return []
+
+    @staticmethod
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        d = r.spec
+        if d["state"] == "absent":
+            if live is None:
+                return [_noop(r, None, "absent as declared")]
+            volumes = live.facts.get("volumes", 0)
+            declared_in = [x.id.name for x in ctx.desired.values()
+                           if x.id.kind == "Disk" and x.spec["pool"] == r.id.name and x.spec["state"] == "present"]
+            if volumes or declared_in:
+                return [Action("delete", r.id, "state: absent", desired=r, live=live,
+                               refused=f"pool still holds {volumes} volume(s); delete its disks first")]
+            return [Action("delete", r.id, "state: absent", desired=r, live=live)]
+        if live is None:
+            return [Action("create", r.id, "pool does not exist", desired=r,
+                           changes=(FieldChange("spec.path", None, d["path"], "config"),))]
+        changes = []
+        if live.spec.get("path") != d["path"]:
+            return [Action("update", r.id, "path differs", desired=r, live=live,
+                           changes=(FieldChange("spec.path", live.spec.get("path"), d["path"], "replace"),),
+                           refused=f"pool {r.id.name!r} exists at {live.spec.get('path')}; moving a pool is not supported")]
+        if live.spec.get("autostart") != d["autostart"]:
+            changes.append(FieldChange("spec.autostart", live.spec.get("autostart"), d["autostart"], "live"))
+        if not live.facts.get("active", True):
+            changes.append(FieldChange("status.active", False, True, "live"))
+        if changes:
+            return [Action("update", r.id, "pool differs in " + ", ".join(c.path for c in changes),
+                           changes=tuple(changes), desired=r, live=live)]
+        return [_noop(r, live, "path, autostart and state match")]
+
+
+# --------------------------------------------------------------------------- Disk
+
+def pool_path(ctx: PlanContext, pool: str) -> str | None:
+    """Where a pool keeps its volumes: declared in this plan, or found on the host."""
+    declared = ctx.desired.get(ResourceId("StoragePool", pool))
+    if declared is not None and declared.spec["state"] == "present":
+        return declared.spec["path"]
+    live = ctx.objects.get(ResourceId("StoragePool", pool))
+    if live is not None:
+        return live.spec.get("path")
+    return None
+
+
+def disk_path(ctx: PlanContext, name: str) -> str | None:
+    """The file of a Disk: the live volume's, or where its pool will put it."""
+    live = ctx.objects.get(ResourceId("Disk", name))
+    if live is not None:
+        return live.facts.get("path")
+    d = ctx.desired.get(ResourceId("Disk", name))
+    if d is not None:
+        base = pool_path(ctx, d.spec["pool"])
+        return f"{base}/{name}" if base else None
+    return None
+
+
+def backing_path(ctx: PlanContext, spec: dict) -> str | None:
+    b = spec.get("backingStore")
+    if not b:
+        return None
+    if "disk" in b:
+        return disk_path(ctx, b["disk"])
+    return b["path"]
+
+
+class DiskRules:
+    kind = "Disk"
+
+    @staticmethod
+    def check(name: str, spec: dict):
+        try:
+            parse_bytes(spec.get("capacity"))
+        except UnitError as e:
+            return [(("spec", "capacity"), str(e))]
+        b = spec.get("backingStore") or {}
+        if b.get("disk") == name:
+            return [(("spec", "backingStore", "disk"), "a disk cannot be its own backing store")]
+        return []
+
+    @staticmethod
+    def normalise(spec: dict) -> dict:
+        return {"pool": spec["pool"], "capacity": parse_bytes(spec["capacity"]), "format": spec.get("format", "qcow2"),
+                "backingStore": dict(spec["backingStore"]) if spec.get("backingStore") else None,
+                "state": spec.get("state", "present")}
+
+    @staticmethod
+    def references(spec: dict):
+        b = spec.get("backingStore") or {}
+        if "disk" in b:
+            yield ("Disk", b["disk"], ("spec", "backingStore", "disk"))
+
+    @staticmethod
+    def users(ctx: PlanContext, name: str) -> list[str]:
+        """VMs defined on the host that use this disk and will still use it after this plan."""
+        path = disk_path(ctx, name)
+        out = []
+        for vid, vm in ctx.objects.items():
+            if vid.kind != "VirtualMachine":
+                continue
+            uses = any(d.get("disk") == name or (path and d.get("path") == path) for d in vm.spec.get("disks", ()))
+            if not uses:
+                continue
+            want = ctx.desired.get(vid)
+            if want is not None:
+                if want.spec["state"] == "absent":
+                    continue
+                if "disks" in want.declared and not any(d.get("disk") == name for d in want.spec["disks"]):
+                    continue
+            elif vm.managed and ctx.options.prune:
+                continue
+            out.append(vid.name)
+        return out
+
+    @staticmethod
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        d = r.spec
+        if d["state"] == "absent":
+            if live is None:
+                return [_noop(r, None, "absent as declared")]
+            users = DiskRules.users(ctx, r.id.name)
+            if users:
+                return [Action("delete", r.id, "state: absent", desired=r, live=live,
+                               refused=f"still used by VirtualMachine {', '.join(users)}")]
+            return [Action("delete", r.id, "state: absent", desired=r, live=live)]
+        if live is None:
+            if pool_path(ctx, d["pool"]) is None:
+                return [Action("create", r.id, "disk does not exist", desired=r,
+                               refused=f"pool {d['pool']!r} is neither declared nor on the host")]
+            needs = [ResourceId("StoragePool", d["pool"])]
+            if d["backingStore"] and "disk" in d["backingStore"]:
+                needs.append(ResourceId("Disk", d["backingStore"]["disk"]))
+            return [Action("create", r.id, "disk does not exist", desired=r, needs=tuple(needs),
+                           changes=(FieldChange("spec.capacity", None, d["capacity"], "config"),))]
+        l = live.spec
+        refusals = []
+        if l.get("pool") != d["pool"]:
+            refusals.append(f"it is in pool {l.get('pool')!r}; moving a disk between pools is not supported")
+        if l.get("format") != d["format"]:
+            refusals.append(f"changing format {l.get('format')} -> {d['format']} of an existing disk is refused")
+        want_backing = backing_path(ctx, d)
+        if (l.get("backingStore") or None) != want_backing:
+            refusals.append(f"changing the backing store of an existing disk ({l.get('backingStore')} -> {want_backing}) is refused")
+        cap = l.get("capacity", 0)
+        changes = []
+        if d["capacity"] < cap - CAPACITY_SLACK:
+            refusals.append(f"shrinking {format_bytes(cap)} -> {format_bytes(d['capacity'])} would lose data and is refused")
+        elif d["capacity"] > cap:
+            changes.append(FieldChange("spec.capacity", cap, d["capacity"], "live"))
+        if refusals:
+            return [Action("update", r.id, "; ".join(refusals), desired=r, live=live, changes=tuple(changes),
+                           refused="; ".join(refusals))]
+        if changes:
+            return [Action("update", r.id, f"grow {format_bytes(cap)} -> {format_bytes(d['capacity'])} in place",
+                           desired=r, live=live, changes=tuple(changes))]
+        return [_noop(r, live, "capacity, format and backing store match")]
+
+
+# --------------------------------------------------------------------------- VirtualMachine
+
+def _norm_vm_disk(d: dict) -> dict:
+    target = d["target"]
+    bus = d.get("bus") or _DISK_PREFIX_BUS.get(target[:2], "virtio")
+    device = d.get("device", "disk")
+    if device == "cdrom" and "bus" not in d:
+        bus = "sata"
+    out = {"target": target, "bus": bus, "device": device}
+    if "disk" in d:
+        out["disk"] = d["disk"]
+    else:
+        out["path"] = d["path"]
+    return out
+
+
+def _norm_iface(i: dict) -> dict:
+    out = {k: i[k] for k in ("network", "bridge", "model") if k in i}
+    if "mac" in i:
+        out["mac"] = i["mac"].lower()
+    return out
+
+
+def _norm_graphics(g: Any) -> dict:
+    if g is None or g == "none":
+        return {"type": "none"}
+    if isinstance(g, str):
+        return {"type": g, "listen": "127.0.0.1"}
+    return {"type": g["type"], "listen": g.get("listen", "127.0.0.1")}
+
+
+# Fields whose defaults are part of the contract: compared even when the manifest omits them.
+VM_DEFAULTED = ("hypervisor", "arch", "state", "autostart")
+VM_REPLACE = ("hypervisor", "arch", "machine")
+
+
+def _mib(n: int) -> int:
+    """QEMU sizes guest memory in whole MiB; rounding up here keeps "500MB" from showing as drift."""
+    return -(-n // MIB) * MIB
+
+
+MIB = 1024 * 1024
+
+
+class VirtualMachineRules:
+    kind = "VirtualMachine"
+
+    @staticmethod
+    def check(name: str, spec: dict):
+        out = []
+        for f in ("memory", "maxMemory"):
+            if f in spec:
+                try:
+                    parse_bytes(spec[f])
+                except UnitError as e:
+                    out.append((("spec", f), str(e)))
+        if out:
+            return out
+        if "maxMemory" in spec and parse_bytes(spec["maxMemory"]) < parse_bytes(spec["memory"]):
+            out.append((("spec", "maxMemory"), f"maxMemory {spec['maxMemory']} is below memory {spec['memory']}"))
+        if "maxVcpus" in spec and spec["maxVcpus"] < spec["vcpus"]:
+            out.append((("spec", "maxVcpus"), f"maxVcpus {spec['maxVcpus']} is below vcpus {spec['vcpus']}"))
+        targets = {}
+        for i, d in enumerate(spec.get("disks", [])):
+            if d["target"] in targets:
+                out.append((("spec", "disks", i, "target"), f"target {d['target']} is used twice"))
+            targets[d["target"]] = i
+        macs = set()
+        for i, n in enumerate(spec.get("interfaces", [])):
+            if "mac" in n:
+                if n["mac"].lower() in macs:
+                    out.append((("spec", "interfaces", i, "mac"), f"MAC {n['mac']} is used twice"))
+                macs.add(n["mac"].lower())
+        return out
+
+    @staticmethod
+    def normalise(spec: dict) -> dict:
+        out = {
+            "hypervisor": spec.get("hypervisor", "kvm"),
+            "memory": _mib(parse_bytes(spec["memory"])),
+            "maxMemory": _mib(parse_bytes(spec["maxMemory"])) if "maxMemory" in spec else None,
+            "vcpus": spec["vcpus"],
+            "maxVcpus": spec.get("maxVcpus"),
+            "state": spec.get("state", "running"),
+            "autostart": spec.get("autostart", False),
+            "arch": spec.get("arch", "x86_64"),
+            "machine": spec.get("machine"),
+            "boot": list(spec.get("boot", ["hd"])),
+            "disks": [_norm_vm_disk(d) for d in spec.get("disks", [])],
+            "interfaces": [_norm_iface(i) for i in spec.get("interfaces", [])],
+            "graphics": _norm_graphics(spec.get("graphics")),
+            "description": spec.get("description"),
+        }
+        return out
+
+    @staticmethod
+    def references(spec: dict):
+        for i, d in enumerate(spec.get("disks", [])):
+            if "disk" in d:
+                yield ("Disk", d["disk"], ("spec", "disks", i, "disk"))
+
+    @staticmethod
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        return _classify_vm(r, live, ctx)
+
+
+def _machine_matches(ctx: PlanContext, desired: str | None, arch: str, live: str | None) -> bool:
+    """"pc" matches the versioned "pc-i440fx-7.2" libvirt expands it to."""
+    if desired is None or desired == live:
+        return True
+    aliases = ctx.context.get("machine_aliases", {}).get(arch, {})
+    return aliases.get(desired) == live
+
+
+def _resolve_disks(ctx: PlanContext, disks: list[dict]) -> dict:
+    """Desired disks by target, with each Disk reference resolved to the file it lives in."""
+    out = {}
+    for x in disks:
+        path = disk_path(ctx, x["disk"]) if "disk" in x else x["path"]
+        out[x["target"]] = {"target": x["target"], "bus": x["bus"], "device": x["device"], "path": path}
+    return out
+
+
+def _interfaces_match(want: list[dict], have: list[dict]) -> bool:
+    """Interfaces match position by position on the keys the manifest gives (an undeclared MAC is libvirt's)."""
+    if len(want) != len(have):
+        return False
+    return all(all(h.get(k) == v for k, v in w.items()) for w, h in zip(want, have))
+
+
+def _compare_vm(d: dict, declared: frozenset, l: dict, ctx: PlanContext, running: bool,
+                max_mem: int | None, max_vcpus: int | None, view: str = "config") -> list[FieldChange]:
+    """Differences between a desired spec and one view (persistent "config" or "running") of a domain.
+
+    `running` picks the mode of each change: live when libvirt can apply it to the running VM,
+    restart when only the next boot picks it up; config for a VM that is not running. The running
+    view skips memory: the balloon's actual size is the guest's business, not drift."""
+    ch: list[FieldChange] = []
+    slow = "restart" if running else "config"
+    for f in VM_REPLACE:
+        if f == "machine":
+            if not _machine_matches(ctx, d["machine"], d["arch"], l.get("machine")):
+                ch.append(FieldChange("spec.machine", l.get("machine"), d["machine"], "replace"))
+        elif d[f] != l.get(f):
+            ch.append(FieldChange(f"spec.{f}", l.get(f), d[f], "replace"))
+    live_max_mem = l.get("maxMemory") or l.get("memory")
+    want_max_mem = d["maxMemory"]
+    if want_max_mem is not None and want_max_mem != live_max_mem:
+        ch.append(FieldChange("spec.maxMemory", live_max_mem, want_max_mem, slow))
+    elif want_max_mem is None and live_max_mem is not None and live_max_mem < d["memory"]:
+        ch.append(FieldChange("spec.maxMemory", live_max_mem, d["memory"], slow))
+    if view == "config" and d["memory"] != l.get("memory"):
+        fits = max_mem is not None and d["memory"] <= max_mem
+        ch.append(FieldChange("spec.memory", l.get("memory"), d["memory"], "live" if (running and fits) else slow))
+    live_max_vcpus = l.get("maxVcpus") or l.get("vcpus")
+    if d["maxVcpus"] is not None and d["maxVcpus"] != live_max_vcpus:
+        ch.append(FieldChange("spec.maxVcpus", live_max_vcpus, d["maxVcpus"], slow))
+    elif d["maxVcpus"] is None and live_max_vcpus is not None and live_max_vcpus < d["vcpus"]:
+        ch.append(FieldChange("spec.maxVcpus", live_max_vcpus, d["vcpus"], slow))
+    if d["vcpus"] != l.get("vcpus"):
+        fits = max_vcpus is not None and d["vcpus"] <= max_vcpus
+        ch.append(FieldChange("spec.vcpus", l.get("vcpus"), d["vcpus"], "live" if (running and fits) else slow))
+    for f in ("boot", "graphics"):
+        if f in declared and d[f] != l.get(f):
+            ch.append(FieldChange(f"spec.{f}", l.get(f), d[f], slow))
+    if "interfaces" in declared and not _interfaces_match(d["interfaces"], l.get("interfaces", [])):
+        ch.append(FieldChange("spec.interfaces", l.get("interfaces"), d["interfaces"], slow))
+    if view == "config" and "description" in declared and d["description"] != (l.get("description") or None):
+        ch.append(FieldChange("spec.description", l.get("description"), d["description"], "live"))
+    if "disks" in declared:
+        want = _resolve_disks(ctx, d["disks"])
+        have = {x["target"]: {k: x.get(k) for k in ("target", "bus", "device", "path")} for x in l.get("disks", [])}
+        for t in sorted(set(want) | set(have)):
+            w, h = want.get(t), have.get(t)
+            if w == h:
+                continue
+            if w is None or h is None:
+                # A detach the guest has not completed (config done, running VM still holding it) waits for a restart.
+                hot = running and not (view == "running" and w is None)
+                ch.append(FieldChange(f"spec.disks[{t}]", h, w, "live" if hot else slow))
+            else:
+                ch.append(FieldChange(f"spec.disks[{t}]", h, w, slow))
+    return ch
+
+
+def _effective_max(spec: dict, key_max: str, key: str) -> int | None:
+    return spec.get(key_max) or spec.get(key)
+
+
+def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+    d = r.spec
+    needs = tuple(ResourceId("Disk", x["disk"]) for x in d["disks"] if "disk" in x)
+    if d["state"] == "absent":
+        if live is None:
+            return [_noop(r, None, "absent as declared")]
+        return [Action("delete", r.id, "state: absent", desired=r, live=live)]
+    if live is None:
+        return [Action("create", r.id, "domain does not exist", desired=r, needs=needs,
+                       changes=(FieldChange("spec.state", None, d["state"], "live"),))]
+
+    config = live.spec
+    state = live.facts.get("state", "shutoff")
+    running = state in ("running", "paused")
+    run_spec = live.facts.get("running_spec") if running else None
+    actions: list[Action] = []
+
+    if run_spec is not None:
+        mm = _effective_max(run_spec, "maxMemory", "memory")
+        mv = _effective_max(run_spec, "maxVcpus", "vcpus")
+    else:
+        mm = mv = None
+    cfg_changes = _compare_vm(d, r.declared, config, ctx, running, mm, mv)
+
+    replace = [c for c in cfg_changes if c.mode == "replace"]
+    if replace:
+        held = None if ctx.options.allow_replace else "changing " + ", ".join(c.path for c in replace) + " needs --allow-replace"
+        return [Action("replace", r.id, "redefine with the same UUID: " + ", ".join(c.path for c in replace) + " differ",
+                       desired=r, live=live, changes=tuple(cfg_changes), held=held, needs=needs)]
+
+    changes = list(cfg_changes)
+    if not live.managed:
+        changes.insert(0, FieldChange("metadata.managed", False, True, "live"))
+    changes += _labels_change(r, live)
+
+    # Live-capable fields where the persistent definition matches but the running VM does not.
+    restart_fields: list[str] = [c.path for c in changes if c.mode == "restart"]
+    if run_spec is not None:
+        cfg_paths = {c.path for c in changes}
+        for c in _compare_vm(d, r.declared, run_spec, ctx, True, mm, mv, view="running"):
+            if c.path in cfg_paths or c.mode == "replace":
+                continue
+            if c.mode == "live":
+                changes.append(c)
+            elif c.path not in restart_fields:
+                restart_fields.append(c.path)
+
+    if d["autostart"] != live.facts.get("autostart", False):
+        changes.append(FieldChange("spec.autostart", live.facts.get("autostart", False), d["autostart"], "live"))
+    want_state = d["state"]
+    if want_state != state:
+        changes.append(FieldChange("spec.state", state, want_state, "live"))
+
+    if changes:
+        modes = sorted({c.mode for c in changes})
+        actions.append(Action("update", r.id, "in place (" + ", ".join(modes) + "): " + ", ".join(c.path for c in changes),
+                              desired=r, live=live, changes=tuple(changes), needs=needs))
+    if restart_fields and want_state in ("running", "paused") and running:
+        held = None if ctx.options.allow_restart else "restart required: rerun with --allow-restart"
+        actions.append(Action("restart", r.id, "restart required for " + ", ".join(restart_fields),
+                              desired=r, live=live, held=held,
+                              changes=tuple(FieldChange(p, None, None, "restart") for p in restart_fields)))
+    if not actions:
+        return [_noop(r, live, "memory, vcpus, state and declared devices match")]
+    return actions

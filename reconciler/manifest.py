@@ -1,0 +1,226 @@
+"""Find manifest files, load their YAML with line numbers, validate each document against its
+JSON Schema and the kind's own rules, and build normalised Resources. No I/O beyond reading files."""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import ManifestError
+from .model import KINDS, Resource, ResourceId
+
+MAX_FILE_BYTES = 8 * 1024 * 1024       # a manifest file larger than this is refused
+MAX_NODES = 200_000                    # YAML nodes per file once aliases are expanded
+SCHEMA_DIR = Path(__file__).with_name("schemas")
+
+
+@lru_cache(maxsize=None)
+def validator(kind: str):
+    """The compiled validator of a kind, built once per process."""
+    import jsonschema
+    with open(SCHEMA_DIR / f"{kind}.json", encoding="utf-8") as f:
+        schema = json.load(f)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def find_files(paths: Iterable[str]) -> list[str]:
+    """Files named, and *.yaml / *.yml below directories named, skipping hidden files and folders."""
+    found: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith(".") and name.endswith((".yaml", ".yml")):
+                        found.append(os.path.join(root, name))
+        elif os.path.exists(p):
+            found.append(p)
+        else:
+            raise ManifestError("no such file or directory", file=p)
+    return found
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML would silently keep the last)."""
+
+
+def _check_nodes(node: yaml.Node, file: str) -> None:
+    """Refuse duplicate keys, and count nodes as if every alias were expanded: a "billion laughs"
+    document fails here, in time linear in the file, before anything is built from it."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # a recursive alias counts once and cannot loop
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in seen:
+                        raise ManifestError(f"duplicate key {k.value!r} (first at line {seen[k.value]})",
+                                            file=file, line=k.start_mark.line + 1)
+                    seen[k.value] = k.start_mark.line + 1
+                total += size(k) + size(v)
+        elif isinstance(n, yaml.SequenceNode):
+            for v in n.value:
+                total += size(v)
+        if total > MAX_NODES:
+            raise ManifestError(f"document too large or too deeply aliased (over {MAX_NODES} nodes)",
+                                file=file, line=n.start_mark.line + 1)
+        sizes[key] = total
+        return total
+
+    size(node)
+
+
+def _line_of(node: yaml.Node, path: tuple) -> int:
+    """The line of the deepest node along `path` that exists."""
+    line = node.start_mark.line + 1
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = node.value[part]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def load_documents(file: str) -> list[tuple[Any, yaml.Node]]:
+    """(data, node) for each non-empty document of a file."""
+    try:
+        size = os.path.getsize(file)
+        if size > MAX_FILE_BYTES:
+            raise ManifestError(f"file is {size} bytes, over the limit of {MAX_FILE_BYTES}", file=file)
+        with open(file, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ManifestError(f"cannot read: {e.strerror}", file=file) from None
+    if b"\0" in raw:
+        raise ManifestError("binary content (NUL byte) is not a manifest", file=file)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ManifestError("not valid UTF-8", file=file, line=line) from None
+    docs = []
+    try:
+        loader = _Loader(text)
+        try:
+            while loader.check_node():
+                node = loader.get_node()
+                if node is None:
+                    continue
+                _check_nodes(node, file)
+                data = loader.construct_document(node)
+                docs.append((data, node))
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        problem = e.problem or e.context or "invalid YAML"
+        raise ManifestError(f"YAML syntax error: {problem}", file=file, line=line) from None
+    except yaml.YAMLError as e:
+        raise ManifestError(f"YAML error: {e}", file=file) from None
+    except RecursionError:
+        raise ManifestError("YAML nested too deeply", file=file) from None
+    return docs
+
+
+def _schema_message(err, kind: str) -> str:
+    """A jsonschema error as one sentence that never quotes a secret's value."""
+    path = ".".join(str(p) for p in err.absolute_path) or "(document)"
+    secret = "password" in [str(p) for p in err.absolute_path] or "mqttPassword" in [str(p) for p in err.absolute_path]
+    v = err.validator
+    if secret:
+        return f"{path}: a secret must be {{fromEnv: VAR}} or {{fromFile: /path}}; literal values are not allowed"
+    if v == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        return f"{path}: unknown field{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}"
+    if v == "required":
+        return f"{path}: {err.message}"
+    if v == "oneOf" and isinstance(err.instance, dict):
+        return f"{path}: does not match any allowed form (check its fields)"
+    msg = err.message
+    if len(msg) > 200:
+        msg = msg[:200] + "..."
+    return f"{path}: {msg}"
+
+
+def _kind_modules():
+    from .kinds import KIND_RULES
+    return KIND_RULES
+
+
+def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
+    line = node.start_mark.line + 1
+    if not isinstance(data, dict):
+        raise ManifestError(f"a document must be a mapping, not {type(data).__name__}", file=file, line=line)
+    kind = data.get("kind")
+    meta = data.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    kname = name if isinstance(name, str) else None
+    if data.get("apiVersion") != "reconciler/v1":
+        raise ManifestError("apiVersion must be reconciler/v1", file=file,
+                            line=_line_of(node, ("apiVersion",)), kind=kind if isinstance(kind, str) else None, name=kname)
+    if kind not in KINDS:
+        raise ManifestError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})", file=file,
+                            line=_line_of(node, ("kind",)), name=kname)
+    errors = sorted(validator(kind).iter_errors(data), key=lambda e: (len(list(e.absolute_path)), list(map(str, e.absolute_path))))
+    if errors:
+        # The deepest error is the most specific one.
+        err = max(errors, key=lambda e: len(list(e.absolute_path)))
+        raise ManifestError(_schema_message(err, kind), file=file, line=_line_of(node, tuple(err.absolute_path)),
+                            kind=kind, name=kname)
+    rules = _kind_modules()[kind]
+    spec = data.get("spec") or {}
+    for path, message in rules.check(name, spec):
+        shown = ".".join(str(p) for p in path)
+        raise ManifestError(f"{shown}: {message}" if path else message, file=file,
+                            line=_line_of(node, path or ("metadata", "name")), kind=kind, name=name)
+    labels = {str(k): str(v) if not isinstance(v, bool) else str(v).lower()
+              for k, v in ((meta or {}).get("labels") or {}).items()}
+    return Resource(id=ResourceId(kind, name), spec=rules.normalise(spec), labels=labels,
+                    file=file, line=line, declared=frozenset(spec), node=node)
+
+
+def load(paths: Iterable[str]) -> list[Resource]:
+    """Every resource in `paths`, validated alone and together (unique names, references)."""
+    resources: list[Resource] = []
+    seen: dict[ResourceId, Resource] = {}
+    for file in find_files(paths):
+        for data, node in load_documents(file):
+            r = parse_document(data, node, file)
+            if r.id in seen:
+                first = seen[r.id]
+                raise ManifestError(f"declared twice (first at {first.where})", file=r.file, line=r.line,
+                                    kind=r.id.kind, name=r.id.name)
+            seen[r.id] = r
+            resources.append(r)
+    check_references(resources)
+    return resources
+
+
+def check_references(resources: list[Resource]) -> None:
+    """References by name must name a declared object; a Disk's pool may also be one on the host."""
+    declared = {r.id for r in resources}
+    rules = _kind_modules()
+    for r in resources:
+        for ref_kind, ref_name, path in rules[r.id.kind].references(r.spec):
+            if ResourceId(ref_kind, ref_name) not in declared:
+                line = _line_of(r.node, path) if r.node is not None else r.line
+                shown = ".".join(str(p) for p in path)
+                raise ManifestError(f"{shown} refers to {ref_kind} {ref_name!r}, which no manifest declares",
+                                    file=r.file, line=line, kind=r.id.kind, name=r.id.name)

@@ -1,0 +1,136 @@
+"""Frozen value types that cross every seam: resources, live objects, field changes, actions, plans, results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+LIBVIRT_KINDS = ("StoragePool", "Disk", "VirtualMachine")
+MQTT_KINDS = ("MqttRole", "MqttGroup", "MqttClient", "Topic")
+KINDS = LIBVIRT_KINDS + MQTT_KINDS
+# Creation order; deletions run in the reverse of it.
+KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
+
+VERBS = ("create", "update", "delete", "restart", "replace")
+
+
+@dataclass(frozen=True, order=True)
+class ResourceId:
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One manifest document, its spec normalised (quantities in bytes, defaults filled)."""
+    id: ResourceId
+    spec: Mapping[str, Any]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    file: str = ""
+    line: int = 0
+    # The spec keys the user wrote; only these are compared with live state.
+    declared: frozenset = frozenset()
+    # The YAML node it came from, to point errors at a field's own line.
+    node: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}" if self.file else ""
+
+
+@dataclass(frozen=True)
+class Live:
+    """One live object as a provider read it, in manifest shape.
+
+    `managed` is the ownership marker; `facts` holds what only the provider needs
+    (a domain's live definition, a volume's path, a password fingerprint)."""
+    id: ResourceId
+    spec: Mapping[str, Any]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    managed: bool = False
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    path: str            # "spec.memory"
+    before: Any
+    after: Any
+    mode: str = "live"   # live | config | restart | replace
+    secret: bool = False  # before/after are never shown
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str                       # create | update | delete | restart | replace | noop
+    id: ResourceId
+    reason: str
+    changes: tuple = ()             # FieldChange, ...
+    desired: Resource | None = None
+    live: Live | None = None
+    # Why this action may not run (a refused shrink, a replace without --allow-replace).
+    refused: str | None = None
+    # Why it is planned but held back by a missing flag (restart without --allow-restart).
+    held: str | None = None
+    # Resources this action needs to have succeeded first.
+    needs: tuple = ()
+
+    @property
+    def fields(self) -> list[str]:
+        return [c.path for c in self.changes]
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple                    # every decision in order, noops included, each with its reason
+    orphans: tuple = ()             # (ResourceId, reason): live objects no manifest declares, kept
+
+    @property
+    def actions(self) -> tuple:
+        return tuple(a for a in self.steps if a.verb != "noop")
+
+    @property
+    def unchanged(self) -> tuple:
+        return tuple(a for a in self.steps if a.verb == "noop")
+
+    @property
+    def refused(self) -> bool:
+        return any(a.refused for a in self.steps)
+
+    def summary(self) -> dict[str, int]:
+        s = {v: 0 for v in VERBS}
+        for a in self.steps:
+            if a.verb != "noop":
+                s[a.verb] += 1
+        s["unchanged"] = sum(1 for a in self.steps if a.verb == "noop")
+        return s
+
+
+@dataclass(frozen=True)
+class Result:
+    action: Action
+    status: str                     # applied | failed | skipped
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a provider read, keyed by id, plus context the planner may consult
+    (pools that exist on the host, canonical machine names)."""
+    objects: Mapping[ResourceId, Live] = field(default_factory=dict)
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    def merged(self, other: "Snapshot") -> "Snapshot":
+        return Snapshot({**self.objects, **other.objects}, {**self.context, **other.context})
+
+
+@dataclass(frozen=True)
+class Options:
+    prune: bool = False
+    force: bool = False
+    allow_restart: bool = False
+    allow_replace: bool = False
+    # Seconds a graceful shutdown may take before the VM is forced off.
+    shutdown_timeout: float = 60.0

@@ -1,0 +1,432 @@
+"""The libvirt provider: bulk reads of pools, volumes and domains into Live objects, and one side
+effect per planned action. The only module that imports libvirt. Decides nothing."""
+from __future__ import annotations
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import libvirt
+
+from ...errors import ApplyError, TargetError
+from ...model import Action, Live, Options, ResourceId, Snapshot
+from . import domxml
+
+LIVE_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+# A live detach needs the guest's cooperation; past this wait the detach is left for the restart.
+DETACH_WAIT = 3.0
+# Threads for independent XMLDesc calls; libvirt-python releases the GIL during RPCs.
+READ_THREADS = 4
+
+
+def _quiet_errors(ctx, err) -> None:
+    """libvirt prints every error to stderr by default; ours are reported as one sentence."""
+
+
+libvirt.registerErrorHandler(_quiet_errors, None)
+
+
+def _msg(e: libvirt.libvirtError) -> str:
+    return e.get_error_message() or str(e)
+
+
+class LibvirtProvider:
+    kinds = ("StoragePool", "Disk", "VirtualMachine")
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+        # Filled by read(), kept current by apply(): what apply needs to resolve names.
+        self.volumes: dict[str, dict] = {}      # disk name -> parsed volume + pool
+        self.domain_users: dict[str, list] = {}  # volume path -> [(domain name, target)]
+
+    def target(self) -> str:
+        return f"libvirt:{self.uri}"
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is None:
+            result: dict[str, Any] = {}
+
+            def connect() -> None:
+                try:
+                    result["conn"] = libvirt.open(self.uri)
+                except libvirt.libvirtError as e:
+                    result["error"] = _msg(e)
+
+            t = threading.Thread(target=connect, daemon=True)
+            t.start()
+            t.join(30)
+            if t.is_alive():
+                raise TargetError(f"libvirt at {self.uri} did not answer within 30s")
+            if "error" in result:
+                raise TargetError(f"cannot connect to libvirt at {self.uri}: {result['error']}")
+            self._conn = result["conn"]
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, kinds: frozenset[str]) -> Snapshot:
+        try:
+            return self._read()
+        except libvirt.libvirtError as e:
+            raise TargetError(f"reading libvirt at {self.uri} failed: {_msg(e)}") from None
+
+    def _read(self) -> Snapshot:
+        conn = self.conn
+        objects: dict[ResourceId, Live] = {}
+        pools: dict[str, str] = {}
+        self.volumes = {}
+        path_to_disk: dict[str, str] = {}
+        for pool in conn.listAllStoragePools(0):
+            info = domxml.parse_pool(pool.XMLDesc(0))
+            active = bool(pool.isActive())
+            vols = pool.listAllVolumes(0) if active else []
+            pools[info["name"]] = info["path"]
+            objects[ResourceId("StoragePool", info["name"])] = Live(
+                ResourceId("StoragePool", info["name"]),
+                {"type": info["type"], "path": (info["path"] or "").rstrip("/") or "/",
+                 "autostart": bool(pool.autostart()), "state": "present"},
+                facts={"active": active, "volumes": len(vols)})
+            for vol in vols:
+                v = domxml.parse_volume(vol.XMLDesc(0))
+                v["pool"] = info["name"]
+                rid = ResourceId("Disk", v["name"])
+                if rid in objects:
+                    continue  # the same volume name in two pools: the first pool (by listing) wins
+                self.volumes[v["name"]] = v
+                path_to_disk[v["path"]] = v["name"]
+                objects[rid] = Live(rid, {"pool": info["name"], "capacity": v["capacity"], "format": v["format"],
+                                          "backingStore": v["backingStore"], "state": "present"},
+                                    facts={"path": v["path"]})
+
+        domains = conn.listAllDomains(0)
+        running = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING)}
+        paused = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED)}
+        autostart = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)}
+
+        def describe(dom: libvirt.virDomain) -> tuple:
+            name = dom.name()
+            active = name in running or name in paused
+            cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            live_xml = dom.XMLDesc(0) if active else None
+            return name, cfg, live_xml
+
+        if len(domains) > 8:
+            with ThreadPoolExecutor(READ_THREADS) as ex:
+                described = list(ex.map(describe, domains))
+        else:
+            described = [describe(d) for d in domains]
+
+        self.domain_users = {}
+        for name, cfg, live_xml in described:
+            parsed = domxml.parse_domain(cfg)
+            state = "running" if name in running else "paused" if name in paused else "shutoff"
+            facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"]}
+            if live_xml is not None:
+                facts["running_spec"] = domxml.parse_domain(live_xml)["spec"]
+            for d in parsed["spec"]["disks"]:
+                if d["path"]:
+                    self.domain_users.setdefault(d["path"], []).append((name, d["target"], state))
+                    if d["path"] in path_to_disk:
+                        d["disk"] = path_to_disk[d["path"]]
+            rid = ResourceId("VirtualMachine", name)
+            objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts)
+        return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases()})
+
+    def _machine_aliases(self) -> dict:
+        """{arch: {alias: canonical}} from the host's capabilities ("pc" -> "pc-i440fx-7.2")."""
+        try:
+            caps = ET.fromstring(self.conn.getCapabilities())
+        except (libvirt.libvirtError, ET.ParseError):
+            return {}
+        out: dict[str, dict] = {}
+        for guest in caps.findall("guest"):
+            arch = guest.find("arch")
+            if arch is None:
+                continue
+            aliases = out.setdefault(arch.get("name"), {})
+            for m in arch.iter("machine"):
+                if m.get("canonical") and m.text:
+                    aliases[m.text] = m.get("canonical")
+        return out
+
+    # ------------------------------------------------------------------ applying
+
+    def apply(self, action: Action, options: Options) -> str:
+        handler = getattr(self, f"_{action.verb}_{action.id.kind}", None)
+        if handler is None:
+            raise ApplyError(f"{action.id}: {action.verb} is not supported")
+        try:
+            return handler(action, options)
+        except libvirt.libvirtError as e:
+            code = e.get_error_code()
+            if code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT,
+                        libvirt.VIR_ERR_INTERNAL_ERROR) and not self._alive():
+                raise TargetError(f"libvirt at {self.uri} went away: {_msg(e)}") from None
+            raise ApplyError(f"libvirt refused: {_msg(e)}") from None
+
+    def _alive(self) -> bool:
+        try:
+            return self._conn is not None and self._conn.isAlive() == 1
+        except libvirt.libvirtError:
+            return False
+
+    # pools
+
+    def _create_StoragePool(self, a: Action, o: Options) -> str:
+        spec = a.desired.spec
+        try:
+            pool = self.conn.storagePoolLookupByName(a.id.name)
+        except libvirt.libvirtError:
+            pool = self.conn.storagePoolDefineXML(domxml.build_pool(a.id.name, spec), 0)
+        pool.build(0)
+        if not pool.isActive():
+            pool.create(0)
+        pool.setAutostart(1 if spec["autostart"] else 0)
+        return f"defined, built and started at {spec['path']}"
+
+    def _update_StoragePool(self, a: Action, o: Options) -> str:
+        pool = self.conn.storagePoolLookupByName(a.id.name)
+        if not pool.isActive():
+            pool.create(0)
+        pool.setAutostart(1 if a.desired.spec["autostart"] else 0)
+        return "updated: " + ", ".join(a.fields)
+
+    def _delete_StoragePool(self, a: Action, o: Options) -> str:
+        pool = self.conn.storagePoolLookupByName(a.id.name)
+        if pool.isActive():
+            if pool.numOfVolumes():
+                raise ApplyError("pool still holds volumes; refusing to delete it")
+            try:
+                pool.delete(0)  # removes the now empty directory
+            except libvirt.libvirtError:
+                pass
+            pool.destroy()
+        pool.undefine()
+        return "deleted (empty)"
+
+    # disks
+
+    def _pool_of(self, name: str) -> libvirt.virStoragePool:
+        pool = self.conn.storagePoolLookupByName(name)
+        if not pool.isActive():
+            pool.create(0)
+        return pool
+
+    def _create_Disk(self, a: Action, o: Options) -> str:
+        spec = a.desired.spec
+        pool = self._pool_of(spec["pool"])
+        try:
+            vol = pool.storageVolLookupByName(a.id.name)  # a half-finished earlier run: adopt, never duplicate
+        except libvirt.libvirtError:
+            backing = None
+            b = spec["backingStore"]
+            if b:
+                if "disk" in b:
+                    base = self.volumes.get(b["disk"])
+                    if base is None:
+                        raise ApplyError(f"backing disk {b['disk']!r} does not exist")
+                    backing = (base["path"], base["format"])
+                else:
+                    backing = (b["path"], b.get("format", "qcow2"))
+            vol = pool.createXML(domxml.build_volume(a.id.name, spec["capacity"], spec["format"], backing), 0)
+        v = domxml.parse_volume(vol.XMLDesc(0))
+        v["pool"] = spec["pool"]
+        self.volumes[a.id.name] = v
+        return f"created {spec['format']} volume {v['path']}"
+
+    def _update_Disk(self, a: Action, o: Options) -> str:
+        new = a.desired.spec["capacity"]
+        path = a.live.facts["path"]
+        for dom_name, target, state in self.domain_users.get(path, []):
+            if state in ("running", "paused"):
+                # qemu-img cannot resize an image a running VM holds; QEMU itself can.
+                dom = self.conn.lookupByName(dom_name)
+                dom.blockResize(target, new, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                return f"grown to {new} bytes through running VM {dom_name} ({target})"
+        vol = self._pool_of(a.desired.spec["pool"]).storageVolLookupByName(a.id.name)
+        vol.resize(new, 0)
+        return f"grown to {new} bytes in place"
+
+    def _delete_Disk(self, a: Action, o: Options) -> str:
+        vol = self.conn.storageVolLookupByPath(a.live.facts["path"])
+        vol.delete(0)
+        self.volumes.pop(a.id.name, None)
+        return f"deleted {a.live.facts['path']}"
+
+    # domains
+
+    def _disk_sources(self, spec: dict) -> dict:
+        out = {}
+        for d in spec["disks"]:
+            if "disk" in d:
+                v = self.volumes.get(d["disk"])
+                if v is None:
+                    raise ApplyError(f"disk {d['disk']!r} does not exist")
+                out[d["target"]] = (v["path"], v["format"])
+            else:
+                out[d["target"]] = (d["path"], d.get("format") or ("raw" if d["device"] == "cdrom" else "qcow2"))
+        return out
+
+    def _lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _create_VirtualMachine(self, a: Action, o: Options) -> str:
+        spec = a.desired.spec
+        dom = self._lookup(a.id.name)
+        if dom is None:
+            xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec))
+            dom = self.conn.defineXML(xml)
+        else:
+            # An earlier run was killed between define and the rest: finish it, marker included.
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels)),
+                            domxml.NS_PREFIX, domxml.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if spec["autostart"]:
+            dom.setAutostart(1)
+        self._set_state(dom, spec["state"], o)
+        return f"defined and {spec['state']}"
+
+    def _set_state(self, dom: libvirt.virDomain, want: str, o: Options) -> None:
+        state = dom.state()[0]
+        active = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
+        if want in ("running", "paused") and not active:
+            dom.create()
+            state = libvirt.VIR_DOMAIN_RUNNING
+        if want == "paused" and state != libvirt.VIR_DOMAIN_PAUSED:
+            dom.suspend()
+        elif want == "running" and state == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+        elif want == "shutoff" and active:
+            self._shutdown(dom, o.shutdown_timeout)
+
+    def _shutdown(self, dom: libvirt.virDomain, timeout: float) -> None:
+        """Graceful shutdown, then forced off once `timeout` seconds have passed."""
+        try:
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+            dom.shutdown()
+        except libvirt.libvirtError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not dom.isActive():
+                return
+            time.sleep(0.2)
+        if dom.isActive():
+            dom.destroy()
+
+    def _update_VirtualMachine(self, a: Action, o: Options) -> str:
+        spec, declared = a.desired.spec, a.desired.declared
+        dom = self.conn.lookupByName(a.id.name)
+        notes = []
+        active = bool(dom.isActive())
+        by_path = {c.path: c for c in a.changes}
+        live_changes = [c for c in a.changes if c.mode == "live"]
+        if active:
+            for c in live_changes:
+                if c.path == "spec.memory":
+                    dom.setMemoryFlags(spec["memory"] // 1024, LIVE_CONFIG)
+                elif c.path == "spec.vcpus":
+                    dom.setVcpusFlags(spec["vcpus"], LIVE_CONFIG)
+                elif c.path.startswith("spec.disks["):
+                    notes += self._hot_disk(dom, c, spec)
+        if "spec.description" in by_path:
+            flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, spec["description"] or None, None, None, flags)
+        if "metadata.labels" in by_path or "metadata.managed" in by_path:
+            flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels)),
+                            domxml.NS_PREFIX, domxml.NS, flags)
+        config_changes = [c for c in a.changes if c.mode in ("config", "restart")]
+        if config_changes:
+            cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            new = domxml.patch_domain(cfg, spec, declared, dict(a.desired.labels), self._disk_sources(spec))
+            self.conn.defineXML(new)
+            if active and any(c.mode == "restart" for c in config_changes):
+                notes.append("restart required for " + ", ".join(c.path for c in config_changes if c.mode == "restart"))
+        if "spec.autostart" in by_path:
+            dom.setAutostart(1 if spec["autostart"] else 0)
+        if "spec.state" in by_path:
+            self._set_state(dom, spec["state"], o)
+        return "updated " + ", ".join(c.path for c in a.changes) + (f" ({'; '.join(notes)})" if notes else "")
+
+    def _hot_disk(self, dom: libvirt.virDomain, c, spec: dict) -> list[str]:
+        target = c.path[len("spec.disks["):-1]
+        in_config = domxml.find_disk_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), target) is not None
+        if c.after is not None:
+            d = next(x for x in spec["disks"] if x["target"] == target)
+            path, fmt = self._disk_sources(spec)[target]
+            xml = ET.tostring(domxml.disk_element(d, path, fmt), encoding="unicode")
+            flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | (0 if in_config else libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            dom.attachDeviceFlags(xml, flags)
+            return []
+        xml = domxml.find_disk_xml(dom.XMLDesc(0), target)
+        if xml is None:
+            if in_config:
+                dom.detachDeviceFlags(domxml.find_disk_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), target),
+                                      libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            return []
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if in_config else 0)
+        dom.detachDeviceFlags(xml, flags)
+        deadline = time.monotonic() + DETACH_WAIT
+        while time.monotonic() < deadline:
+            if domxml.find_disk_xml(dom.XMLDesc(0), target) is None:
+                return []
+            time.sleep(0.2)
+        return [f"{target} removed from the definition; the guest has not released it yet, so it goes at the next restart"]
+
+    def _restart_VirtualMachine(self, a: Action, o: Options) -> str:
+        dom = self.conn.lookupByName(a.id.name)
+        paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        self._shutdown(dom, o.shutdown_timeout)
+        dom.create()
+        if paused or a.desired.spec["state"] == "paused":
+            dom.suspend()
+        return "restarted for " + ", ".join(a.fields)
+
+    def _replace_VirtualMachine(self, a: Action, o: Options) -> str:
+        dom = self.conn.lookupByName(a.id.name)
+        uuid = dom.UUIDString()
+        if dom.isActive():
+            self._shutdown(dom, o.shutdown_timeout)
+        spec = a.desired.spec
+        xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), uuid=uuid)
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        dom = self.conn.defineXML(xml)
+        dom.setAutostart(1 if spec["autostart"] else 0)
+        self._set_state(dom, spec["state"], o)
+        return f"redefined with the same UUID {uuid} for " + ", ".join(c.path for c in a.changes if c.mode == "replace")
+
+    def _delete_VirtualMachine(self, a: Action, o: Options) -> str:
+        dom = self._lookup(a.id.name)
+        if dom is None:
+            return "already gone"
+        if dom.isActive():
+            dom.destroy()
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        for extra in ("VIR_DOMAIN_UNDEFINE_NVRAM", "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA"):
+            flags |= getattr(libvirt, extra, 0)
+        try:
+            dom.undefineFlags(flags)
+        except libvirt.libvirtError:
+            dom.undefine()
+        return "stopped and undefined (its disks are kept)"

@@ -1,0 +1,150 @@
+"""Render plans and results: Ansible-style text lines with a recap, --diff, JSON, Prometheus metrics."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import IO, Any
+
+from .kinds.libvirt import show
+from .model import KINDS, Action, Plan, Result
+
+
+def _value(path: str, v: Any) -> str:
+    v = show(path, v)
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True, separators=(", ", ": "))
+    return "(none)" if v is None else str(v)
+
+
+def diff_lines(a: Action) -> list[str]:
+    out = []
+    for c in a.changes:
+        if c.secret:
+            out.append(f"    {c.path}: (secret, changed)")
+        elif a.verb == "restart":
+            out.append(f"    {c.path}: takes effect at restart")
+        else:
+            out.append(f"    {c.path}: {_value(c.path, c.before)} -> {_value(c.path, c.after)}  [{c.mode}]")
+    return out
+
+
+class TextReport:
+    """One line per resource as it is handled, then the recap line."""
+
+    def __init__(self, out: IO = sys.stdout, *, diff=False, quiet=False, verbose=False, host: str | None = None):
+        self.out, self.diff, self.quiet, self.verbose = out, diff, quiet, verbose
+        self.prefix = f"{host}: " if host else ""
+        self.counts = {"ok": 0, "changed": 0, "failed": 0, "skipped": 0}
+
+    def _line(self, status: str, a: Action, text: str) -> None:
+        self.counts[status] += 1
+        if self.quiet and status == "ok":
+            return
+        print(f"{self.prefix}{status}: [{a.id}] {text}", file=self.out, flush=True)
+        if self.diff and status != "ok" and a.changes:
+            for line in diff_lines(a):
+                print(self.prefix + line, file=self.out, flush=True)
+
+    def planned(self, plan: Plan) -> None:
+        for a in plan.steps:
+            if a.verb == "noop":
+                self._line("ok", a, a.reason)
+            elif a.refused:
+                self._line("failed", a, f"{a.verb} refused: {a.refused}")
+            else:
+                note = f" ({a.held})" if a.held else ""
+                self._line("changed", a, f"would {a.verb}: {a.reason}{note}")
+        self.orphans(plan)
+
+    def result(self, r: Result) -> None:
+        a = r.action
+        if r.status == "ok":
+            self._line("ok", a, r.message)
+        elif r.status == "applied":
+            self._line("changed", a, f"{a.verb}: {r.message}")
+        else:
+            self._line(r.status, a, f"{a.verb}: {r.message}")
+
+    def orphans(self, plan: Plan) -> None:
+        if self.quiet:
+            return
+        for rid, reason in plan.orphans:
+            print(f"{self.prefix}orphan: [{rid}] {reason}", file=self.out, flush=True)
+
+    def recap(self, plan: Plan | None = None) -> None:
+        if plan is not None and not self.quiet:
+            s = plan.summary()
+            print(f"{self.prefix}plan: " + ", ".join(f"{k}={v}" for k, v in s.items()), file=self.out)
+        c = self.counts
+        print(f"{self.prefix}ok={c['ok']} changed={c['changed']} failed={c['failed']} skipped={c['skipped']}",
+              file=self.out, flush=True)
+
+
+def _change(a: Action, status: str, message: str | None = None) -> dict:
+    d = {"action": a.verb, "kind": a.id.kind, "name": a.id.name, "fields": a.fields,
+         "status": status, "reason": a.reason}
+    if a.refused:
+        d["error"] = a.refused
+    elif a.held:
+        d["held"] = a.held
+    if message and status == "failed":
+        d["error"] = message
+    return d
+
+
+def plan_json(plan: Plan) -> dict:
+    return {"changes": [_change(a, "failed" if a.refused else "planned") for a in plan.actions],
+            "summary": plan.summary(),
+            "orphans": [{"kind": i.kind, "name": i.name, "reason": r} for i, r in plan.orphans]}
+
+
+def apply_json(plan: Plan, results: list[Result]) -> dict:
+    changes = [_change(r.action, r.status, r.message) for r in results if r.status != "ok"]
+    recap = {"ok": 0, "changed": 0, "failed": 0, "skipped": 0}
+    for r in results:
+        recap["changed" if r.status == "applied" else r.status] += 1
+    return {"changes": changes, "summary": plan.summary(), "recap": recap,
+            "orphans": [{"kind": i.kind, "name": i.name, "reason": r} for i, r in plan.orphans]}
+
+
+def write_metrics(path: str, plan: Plan | None, results: list[Result] | None, ok: bool,
+                  host: str | None = None) -> None:
+    """Prometheus text format for node_exporter's textfile collector, written atomically."""
+    host_label = f',host="{host}"' if host else ""
+    lines = [
+        "# HELP reconciler_drift Declared resources whose live state differs, per kind.",
+        "# TYPE reconciler_drift gauge",
+    ]
+    drift = {k: 0 for k in KINDS}
+    changes: dict[tuple, int] = {}
+    failures = {k: 0 for k in KINDS}
+    if plan is not None:
+        for a in plan.actions:
+            drift[a.id.kind] += 1
+    for r in results or []:
+        if r.status == "applied":
+            changes[(r.action.id.kind, r.action.verb)] = changes.get((r.action.id.kind, r.action.verb), 0) + 1
+        elif r.status == "failed":
+            failures[r.action.id.kind] += 1
+    lines += [f'reconciler_drift{{kind="{k}"{host_label}}} {v}' for k, v in drift.items()]
+    lines += ["# HELP reconciler_changes Changes applied in the last run, per kind and action.",
+              "# TYPE reconciler_changes gauge"]
+    lines += [f'reconciler_changes{{kind="{k}",action="{v}"{host_label}}} {n}' for (k, v), n in sorted(changes.items())]
+    lines += ["# HELP reconciler_failures Changes that failed in the last run, per kind.",
+              "# TYPE reconciler_failures gauge"]
+    lines += [f'reconciler_failures{{kind="{k}"{host_label}}} {v}' for k, v in failures.items()]
+    lines += ["# HELP reconciler_last_run_timestamp_seconds When the last run ended.",
+              "# TYPE reconciler_last_run_timestamp_seconds gauge",
+              f"reconciler_last_run_timestamp_seconds{{{host_label[1:]}}} {time.time():.3f}",
+              "# HELP reconciler_last_run_success 1 if the last run ended without error.",
+              "# TYPE reconciler_last_run_success gauge",
+              f"reconciler_last_run_success{{{host_label[1:]}}} {1 if ok else 0}"]
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".reconciler-metrics-", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
