@@ -1,25 +1,434 @@
-"""PURE rules of the MQTT kinds (MqttRole, MqttGroup, MqttClient, Topic). Placeholder until issue 3."""
+"""PURE rules of the MQTT kinds (MqttRole, MqttGroup, MqttClient, Topic): checking and normalising declared
+specs, the references they make, and classifying desired vs live into actions with reasons. No I/O here
+except reading a client's password source in check/normalise (so that validate names a missing one).
+
+Comparison rules, in one place:
+- an ACL list is a set keyed by (type, topic); role and group memberships are sets keyed by name;
+  each differing entry is its own FieldChange (`spec.acls[subscribeLiteral edge/gw-1/config]`),
+  so --diff shows them field by field;
+- a role's effective ACLs are its own `acls` plus those the Topics give it: publishClientSend for
+  `publishers`, subscribeLiteral (subscribePattern for a filter with wildcards) for `subscribers`;
+  the role's own entry wins when both name the same (type, topic);
+- only declared fields are compared (description, textName, clientId, roles, groups, a role's acls
+  unless Topics give it some), plus `disabled` (default false) and the labels;
+- a password is compared by verifying the resolved secret against the salted fingerprint kept in
+  the client's marker: changed or unknown -> one write-only change, never a value.
+"""
 from __future__ import annotations
 
-from ..model import Action
+import json
+import unicodedata
+from dataclasses import replace
+from typing import Any, Iterable
+
+from ..errors import ManifestError
+from ..model import Action, FieldChange, Live, Resource, ResourceId
+from ..secrets import Secret, describe, read_secret, verify
+from .libvirt import PlanContext
+
+ACL_TYPES = ("publishClientSend", "publishClientReceive", "subscribeLiteral", "subscribePattern",
+             "unsubscribeLiteral", "unsubscribePattern")
+# dynsec's own default priority of a role or group membership (it lists no priority for it).
+DEFAULT_MEMBER_PRIORITY = -1
+MAX_TOPIC_BYTES = 65535
 
 
-class _Unimplemented:
+# --------------------------------------------------------------------------- topics
+
+def has_wildcards(topic: str) -> bool:
+    return any(level in ("+", "#") for level in topic.split("/"))
+
+
+def topic_problem(topic: Any) -> str | None:
+    """Why `topic` is not a valid MQTT topic name or filter, or None."""
+    if not isinstance(topic, str) or topic == "":
+        return "a topic must be a non-empty string"
+    try:
+        raw = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a topic must be valid UTF-8 (it holds a lone surrogate)"
+    if "\0" in topic:
+        return "a topic must not contain NUL"
+    if len(raw) > MAX_TOPIC_BYTES:
+        return f"a topic is at most {MAX_TOPIC_BYTES} bytes, this one is {len(raw)}"
+    bad = next((c for c in topic if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        return f"a topic must not contain control character U+{ord(bad):04X}"
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "+" in level and level != "+":
+            return f"'+' must be a whole level (level {i + 1} is {level!r})"
+        if "#" in level and level != "#":
+            return f"'#' must be a whole level (level {i + 1} is {level!r})"
+        if level == "#" and i != len(levels) - 1:
+            return "'#' may only be the last level"
+    return None
+
+
+def _dup_names(items: list, path: tuple) -> list:
+    seen: dict[str, int] = {}
+    out = []
+    for i, it in enumerate(items):
+        n = it["name"] if isinstance(it, dict) else it
+        if n in seen:
+            out.append((path + (i,), f"{n!r} is listed twice (first at index {seen[n]})"))
+        seen.setdefault(n, i)
+    return out
+
+
+def _norm_refs(items: Iterable[dict]) -> list[dict]:
+    return sorted(({"name": i["name"], "priority": i.get("priority", DEFAULT_MEMBER_PRIORITY)} for i in items),
+                  key=lambda i: i["name"])
+
+
+def _norm_acl(a: dict) -> dict:
+    return {"type": a["type"], "topic": a["topic"], "allow": a.get("allow", True), "priority": a.get("priority", 0)}
+
+
+def acl_key(a: dict) -> tuple[str, str]:
+    return (a["type"], a["topic"])
+
+
+def sort_acls(acls: Iterable[dict]) -> list[dict]:
+    return sorted(acls, key=acl_key)
+
+
+def _text(spec: dict, key: str) -> str | None:
+    return spec.get(key) or None
+
+
+# --------------------------------------------------------------------------- shared classify helpers
+
+def _noop(r: Resource, live: Live | None, reason: str) -> Action:
+    return Action("noop", r.id, reason, desired=r, live=live)
+
+
+def _common_changes(r: Resource, live: Live, fields: tuple[str, ...]) -> list[FieldChange]:
+    """Ownership, declared text fields and labels."""
+    ch = []
+    if not live.managed:
+        ch.append(FieldChange("metadata.managed", False, True))
+    for f in fields:
+        if f in r.declared and r.spec.get(f) != live.spec.get(f):
+            ch.append(FieldChange(f"spec.{f}", live.spec.get(f), r.spec.get(f)))
+    if dict(r.labels) != dict(live.labels):
+        ch.append(FieldChange("metadata.labels", dict(live.labels), dict(r.labels)))
+    return ch
+
+
+def keyed_changes(field: str, before: Iterable[dict], after: Iterable[dict], key, label) -> list[FieldChange]:
+    """One FieldChange per entry added, removed or changed, comparing two lists as sets keyed by `key`;
+    the entry's other fields are its value."""
+    b = {key(x): x for x in before}
+    a = {key(x): x for x in after}
+    out = []
+    for k in sorted(set(a) | set(b)):
+        bv = {f: v for f, v in b[k].items() if f not in ("type", "topic", "name")} if k in b else None
+        av = {f: v for f, v in a[k].items() if f not in ("type", "topic", "name")} if k in a else None
+        if bv != av:
+            out.append(FieldChange(f"spec.{field}[{label(k)}]", bv, av))
+    return out
+
+
+def _ref_changes(field: str, before, after) -> list[FieldChange]:
+    return keyed_changes(field, before or [], after or [], lambda x: x["name"], lambda k: k)
+
+
+def _count(changes: list[FieldChange]) -> str:
+    add = sum(1 for c in changes if c.before is None)
+    rem = sum(1 for c in changes if c.after is None)
+    mod = len(changes) - add - rem
+    return f"+{add} -{rem} ~{mod}"
+
+
+def _reason(changes: list[FieldChange], what: str) -> str:
+    parts = []
+    if any(c.path == "metadata.managed" for c in changes):
+        parts.append(f"unmarked {what} named by a manifest: adopt")
+    groups: dict[str, list] = {}
+    for c in changes:
+        if c.path == "metadata.managed":
+            continue
+        top = c.path.split("[")[0]
+        groups.setdefault(top, []).append(c)
+    for top, cs in groups.items():
+        if "[" in cs[0].path:
+            parts.append(f"{top.removeprefix('spec.')} differ ({_count(cs)})")
+        elif top == "spec.password":
+            parts.append("password source changed")
+        else:
+            parts.append(f"{top.removeprefix('spec.').removeprefix('metadata.')} differs")
+    return "; ".join(parts)
+
+
+def _missing_needs(ctx: PlanContext, ids: Iterable[ResourceId]) -> tuple:
+    """Referenced objects that do not exist yet: they must be created (successfully) first."""
+    return tuple(i for i in ids if i not in ctx.objects)
+
+
+# --------------------------------------------------------------------------- MqttRole
+
+def topic_acls(ctx: PlanContext, role: str) -> list[dict]:
+    """The ACLs the declared (present) Topics give `role`."""
+    out = []
+    for rid, t in sorted(ctx.desired.items()):
+        if rid.kind != "Topic" or t.spec.get("state", "present") != "present":
+            continue
+        topic = rid.name
+        if role in t.spec.get("publishers", ()):
+            out.append({"type": "publishClientSend", "topic": topic, "allow": True, "priority": 0})
+        if role in t.spec.get("subscribers", ()):
+            kind = "subscribePattern" if has_wildcards(topic) else "subscribeLiteral"
+            out.append({"type": kind, "topic": topic, "allow": True, "priority": 0})
+    return out
+
+
+def effective_acls(r: Resource, ctx: PlanContext) -> list[dict] | None:
+    """A role's own ACLs merged with its Topics'; None when neither is declared (ACLs left alone)."""
+    from_topics = topic_acls(ctx, r.id.name)
+    if "acls" not in r.declared and not from_topics:
+        return None
+    merged = {acl_key(a): a for a in from_topics}
+    merged.update({acl_key(a): a for a in r.spec.get("acls", ())})
+    return sort_acls(merged.values())
+
+
+class MqttRoleRules:
+    kind = "MqttRole"
+
     @staticmethod
-    def check(name, spec):
+    def check(name: str, spec: dict):
+        out = []
+        seen: dict[tuple, int] = {}
+        for i, a in enumerate(spec.get("acls", [])):
+            problem = topic_problem(a.get("topic"))
+            if problem:
+                out.append((("spec", "acls", i, "topic"), problem))
+            k = (a.get("type"), a.get("topic"))
+            if k in seen:
+                out.append((("spec", "acls", i), f"duplicate ACL {k[0]} {k[1]!r} (first at index {seen[k]})"))
+            seen.setdefault(k, i)
+        return out
+
+    @staticmethod
+    def normalise(spec: dict) -> dict:
+        return {"description": _text(spec, "description"), "textName": _text(spec, "textName"),
+                "acls": sort_acls(_norm_acl(a) for a in spec.get("acls", []))}
+
+    @staticmethod
+    def references(spec: dict):
         return []
 
     @staticmethod
-    def normalise(spec):
-        return dict(spec)
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        acls = effective_acls(r, ctx)
+        want = r
+        if acls is not None:
+            want = replace(r, spec={**r.spec, "acls": acls}, declared=r.declared | {"acls"})
+        if live is None:
+            changes = [FieldChange(f"spec.{f}", None, r.spec[f]) for f in ("description", "textName")
+                       if f in r.declared and r.spec[f] is not None]
+            changes += keyed_changes("acls", [], acls or [], acl_key, " ".join)
+            return [Action("create", r.id, "role does not exist", tuple(changes), desired=want)]
+        changes = _common_changes(want, live, ("description", "textName"))
+        if acls is not None:
+            changes += keyed_changes("acls", live.spec.get("acls", []), acls, acl_key, " ".join)
+        if changes:
+            return [Action("update", r.id, _reason(changes, "role"), tuple(changes), desired=want, live=live)]
+        return [_noop(want, live, "acls, description and labels match" if acls is not None
+                      else "description and labels match")]
+
+
+# --------------------------------------------------------------------------- MqttGroup
+
+class MqttGroupRules:
+    kind = "MqttGroup"
 
     @staticmethod
-    def references(spec):
-        return []
+    def check(name: str, spec: dict):
+        return _dup_names(spec.get("roles", []), ("spec", "roles"))
 
     @staticmethod
-    def classify(r, live, ctx):
-        return [Action("noop", r.id, "not implemented", desired=r, live=live)]
+    def normalise(spec: dict) -> dict:
+        return {"description": _text(spec, "description"), "textName": _text(spec, "textName"),
+                "roles": _norm_refs(spec.get("roles", []))}
+
+    @staticmethod
+    def references(spec: dict):
+        for i, ref in enumerate(spec.get("roles", [])):
+            yield ("MqttRole", ref["name"], ("spec", "roles", i, "name"))
+
+    @staticmethod
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        d = r.spec
+        if live is None:
+            changes = [FieldChange(f"spec.{f}", None, d[f]) for f in ("description", "textName")
+                       if f in r.declared and d[f] is not None]
+            changes += _ref_changes("roles", [], d["roles"])
+            needs = _missing_needs(ctx, (ResourceId("MqttRole", x["name"]) for x in d["roles"]))
+            return [Action("create", r.id, "group does not exist", tuple(changes), desired=r, needs=needs)]
+        changes = _common_changes(r, live, ("description", "textName"))
+        if "roles" in r.declared:
+            changes += _ref_changes("roles", live.spec.get("roles"), d["roles"])
+        if changes:
+            needs = _missing_needs(ctx, (ResourceId("MqttRole", x["name"]) for x in d["roles"]))
+            return [Action("update", r.id, _reason(changes, "group"), tuple(changes), desired=r, live=live,
+                           needs=needs)]
+        return [_noop(r, live, "roles, description and labels match")]
 
 
-MqttRoleRules = MqttGroupRules = MqttClientRules = TopicRules = _Unimplemented
+# --------------------------------------------------------------------------- MqttClient
+
+class MqttClientRules:
+    kind = "MqttClient"
+
+    @staticmethod
+    def check(name: str, spec: dict):
+        out = _dup_names(spec.get("roles", []), ("spec", "roles"))
+        out += _dup_names(spec.get("groups", []), ("spec", "groups"))
+        src = spec.get("password")
+        if isinstance(src, dict):
+            try:
+                read_secret(src)
+            except ManifestError as e:
+                out.append((("spec", "password"), e.message))
+        return out
+
+    @staticmethod
+    def normalise(spec: dict) -> dict:
+        """Reads the password source now (validate names a missing one) and keeps the value in a
+        Secret, which prints as `<secret from ...>` and never as its value."""
+        src = spec.get("password")
+        password = None
+        if isinstance(src, dict):
+            password = Secret(read_secret(src), describe(src))
+        return {"password": password, "clientId": spec.get("clientId"),
+                "description": _text(spec, "description"), "textName": _text(spec, "textName"),
+                "roles": _norm_refs(spec.get("roles", [])), "groups": _norm_refs(spec.get("groups", [])),
+                "disabled": spec.get("disabled", False)}
+
+    @staticmethod
+    def references(spec: dict):
+        for i, ref in enumerate(spec.get("roles", [])):
+            yield ("MqttRole", ref["name"], ("spec", "roles", i, "name"))
+        for i, ref in enumerate(spec.get("groups", [])):
+            yield ("MqttGroup", ref["name"], ("spec", "groups", i, "name"))
+
+    @staticmethod
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        d = r.spec
+        refs = [ResourceId("MqttRole", x["name"]) for x in d["roles"]]
+        refs += [ResourceId("MqttGroup", x["name"]) for x in d["groups"]]
+        needs = _missing_needs(ctx, refs)
+        if live is None:
+            changes = [FieldChange(f"spec.{f}", None, d[f]) for f in ("clientId", "description", "textName")
+                       if f in r.declared and d[f] is not None]
+            if d["password"] is not None:
+                changes.append(FieldChange("spec.password", None, None, secret=True))
+            changes += _ref_changes("roles", [], d["roles"]) + _ref_changes("groups", [], d["groups"])
+            if d["disabled"]:
+                changes.append(FieldChange("spec.disabled", None, True))
+            return [Action("create", r.id, "client does not exist", tuple(changes), desired=r, needs=needs)]
+        changes = _common_changes(r, live, ("clientId", "description", "textName"))
+        if d["disabled"] != live.spec.get("disabled", False):
+            changes.append(FieldChange("spec.disabled", live.spec.get("disabled", False), d["disabled"]))
+        if d["password"] is not None and not verify(d["password"].reveal(), live.facts.get("fingerprint")):
+            changes.append(FieldChange("spec.password", None, None, secret=True))
+        if "roles" in r.declared:
+            changes += _ref_changes("roles", live.spec.get("roles"), d["roles"])
+        if "groups" in r.declared:
+            changes += _ref_changes("groups", live.spec.get("groups"), d["groups"])
+        if changes:
+            reason = _reason(changes, "client")
+            if any(c.path == "spec.password" for c in changes) and not live.facts.get("fingerprint"):
+                reason = reason.replace("password source changed", "password not set by reconciler")
+            return [Action("update", r.id, reason, tuple(changes), desired=r, live=live, needs=needs)]
+        return [_noop(r, live, "password, roles, groups and labels match")]
+
+
+# --------------------------------------------------------------------------- Topic
+
+class TopicRules:
+    kind = "Topic"
+
+    @staticmethod
+    def check(name: str, spec: dict):
+        problem = topic_problem(name)
+        if problem:
+            return [(("metadata", "name"), problem)]
+        out = []
+        if spec.get("retained") is not None:
+            if has_wildcards(name):
+                out.append((("spec", "retained"), "a topic with wildcards (+ or #) cannot carry a retained message"))
+            elif name.startswith("$"):
+                out.append((("spec", "retained"), "topics starting with $ belong to the broker and cannot carry "
+                                                  "a retained message"))
+        return out
+
+    @staticmethod
+    def normalise(spec: dict) -> dict:
+        retained = None
+        ret = spec.get("retained")
+        if ret is not None:
+            if "json" in ret:
+                payload = json.dumps(ret["json"], separators=(",", ":"), ensure_ascii=False, sort_keys=False)
+                retained = {"payload": payload, "qos": ret.get("qos", 1), "format": "json"}
+            else:
+                retained = {"payload": ret["payload"], "qos": ret.get("qos", 1), "format": "text"}
+        return {"retained": retained, "publishers": sorted(spec.get("publishers", [])),
+                "subscribers": sorted(spec.get("subscribers", [])), "state": spec.get("state", "present")}
+
+    @staticmethod
+    def references(spec: dict):
+        for f in ("publishers", "subscribers"):
+            for i, role in enumerate(spec.get(f, [])):
+                yield ("MqttRole", role, ("spec", f, i))
+
+    @staticmethod
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        d = r.spec
+        want = d["retained"]
+        if d["state"] == "absent":
+            if live is None:
+                return [_noop(r, None, "no retained message, as declared")]
+            return [Action("delete", r.id, "state: absent: clear the retained message",
+                           (FieldChange("spec.retained.payload", live.spec["retained"].get("payload"), None),),
+                           desired=r, live=live)]
+        if want is None:
+            if live is not None and live.managed:
+                return [Action("delete", r.id, "retained message no longer declared: clear it",
+                               (FieldChange("spec.retained.payload", live.spec["retained"].get("payload"), None),),
+                               desired=r, live=live)]
+            return [_noop(r, live, "no retained message declared")]
+        if live is None:
+            return [Action("create", r.id, "no retained message",
+                           (FieldChange("spec.retained.payload", None, want["payload"]),
+                            FieldChange("spec.retained.qos", None, want["qos"])), desired=r)]
+        have = live.spec.get("retained") or {}
+        changes = []
+        if not live.managed:
+            changes.append(FieldChange("metadata.managed", False, True))
+        if not payload_matches(want, have.get("payload")):
+            changes.append(FieldChange("spec.retained.payload", have.get("payload"), want["payload"]))
+        if have.get("qos") != want["qos"]:
+            changes.append(FieldChange("spec.retained.qos", have.get("qos"), want["qos"]))
+        if dict(r.labels) != dict(live.labels):
+            changes.append(FieldChange("metadata.labels", dict(live.labels), dict(r.labels)))
+        if changes:
+            return [Action("update", r.id, _reason(changes, "retained message"), tuple(changes),
+                           desired=r, live=live)]
+        return [_noop(r, live, "retained message matches")]
+
+
+def payload_matches(want: dict, have: str | None) -> bool:
+    """Byte-equal, or for a `json:` payload, equal as JSON (a device's spacing is not drift)."""
+    if have is None:
+        return False
+    if have == want["payload"]:
+        return True
+    if want.get("format") == "json":
+        try:
+            return json.loads(have) == json.loads(want["payload"])
+        except ValueError:
+            return False
+    return False

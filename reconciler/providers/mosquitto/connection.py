@@ -1,0 +1,327 @@
+"""One MQTT v5 session with the broker (the only module that imports paho): connect within a deadline,
+dynamic-security requests matched to responses by correlationData, acknowledged QoS 1 publishes with
+their reason codes, and the retained-message sweep (subscribe, then a sentinel round trip proves the
+retained burst is complete: no fixed sleeps).
+
+Its own network thread runs paho's loop and never reconnects: a connection that goes away fails
+every waiting call with TargetError instead of silently resuming without its subscriptions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ...errors import TargetError
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
+SENTINEL_PREFIX = "reconciler/sweep/"
+CONNECT_TIMEOUT = 25.0      # TCP + TLS + CONNACK; the whole failure is reported within 30 s
+REQUEST_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class RetainedMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    user_properties: tuple
+
+
+class PublishRefused(Exception):
+    """The broker answered a publish with a failure reason code."""
+
+    def __init__(self, reason: str, code: int):
+        super().__init__(reason)
+        self.reason, self.code = reason, code
+
+
+def parse_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of mqtt://host[:1883] or mqtts://host[:8883]."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise TargetError(f"broker URL {url!r} is not mqtt://host:port or mqtts://host:port")
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError:
+        raise TargetError(f"broker URL {url!r} has an invalid port") from None
+    return parts.scheme, parts.hostname, port
+
+
+class Connection:
+    def __init__(self, url: str, username: str | None, password: str | None, cafile: str | None = None,
+                 *, request_timeout: float = REQUEST_TIMEOUT):
+        self.url = url
+        self.scheme, self.host, self.port = parse_url(url)
+        self.username = username
+        self._password = password
+        self.cafile = cafile
+        self.request_timeout = request_timeout
+        self.client_id = f"reconciler-{uuid.uuid4().hex[:12]}"
+        self._cond = threading.Condition()
+        self._connack: mqtt.ReasonCode | None = None
+        self._lost: str | None = None
+        self._responses: dict[str, dict] = {}
+        self._acks: dict[int, tuple] = {}
+        self._subacks: dict[int, list] = {}
+        self._sweep: dict[str, RetainedMessage] | None = None
+        self._sweep_filter: str | None = None
+        self._sentinel: str | None = None
+        self._sentinel_seen = False
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+
+    # ------------------------------------------------------------------ connect / close
+
+    def open(self) -> None:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        if self.username is not None:
+            c.username_pw_set(self.username, self._password)
+        if self.scheme == "mqtts":
+            try:
+                c.tls_set(ca_certs=self.cafile, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as e:
+                raise TargetError(f"cannot use CA file {self.cafile}: {getattr(e, 'strerror', None) or e}") from None
+        c.connect_timeout = 10.0
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_subscribe
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = 65535
+        props.SessionExpiryInterval = 0
+        self._client = c
+        try:
+            c.connect(self.host, self.port, keepalive=30, clean_start=True, properties=props)
+        except ssl.SSLError as e:
+            raise TargetError(f"TLS handshake with broker {self.url} failed: {e.reason or e}") from None
+        except socket.gaierror as e:
+            raise TargetError(f"cannot resolve broker host {self.host!r}: {e.strerror}") from None
+        except (socket.timeout, TimeoutError):
+            raise TargetError(f"broker {self.url} did not answer within {c.connect_timeout:.0f} s") from None
+        except OSError as e:
+            raise TargetError(f"cannot reach broker {self.url}: {e.strerror or e}") from None
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        self._thread.start()
+        with self._cond:
+            while self._connack is None and self._lost is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        if self._connack is None:
+            why = self._lost or f"no CONNACK within {CONNECT_TIMEOUT:.0f} s"
+            self.close()
+            raise TargetError(f"broker {self.url} did not accept the connection: {why}")
+        if self._connack.is_failure:
+            rc = self._connack
+            self.close()
+            who = f"user {self.username!r}" if self.username else "an anonymous login"
+            raise TargetError(f"broker {self.url} refused the login of {who}: {rc}")
+        codes = self.subscribe(RESPONSE_TOPIC, qos=1)
+        if codes[0] >= 128:
+            self.close()
+            raise TargetError(f"user {self.username!r} may not subscribe to {RESPONSE_TOPIC} on {self.url}: "
+                              "the login needs dynamic-security admin rights")
+
+    def close(self) -> None:
+        self._stop.set()
+        c = self._client
+        if c is not None:
+            try:
+                c.disconnect()
+            except Exception:
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if c is not None:
+            try:
+                c.socket() and c.socket().close()
+            except Exception:
+                pass
+        with self._cond:
+            self._lost = self._lost or "connection closed"
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        c = self._client
+        while not self._stop.is_set():
+            rc = c.loop(timeout=0.2)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                if not self._stop.is_set():
+                    with self._cond:
+                        self._lost = self._lost or f"connection lost ({mqtt.error_string(rc)})"
+                        self._cond.notify_all()
+                return
+
+    # ------------------------------------------------------------------ callbacks (network thread)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        with self._cond:
+            self._connack = reason_code
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        with self._cond:
+            if not self._stop.is_set():
+                self._lost = self._lost or f"the broker closed the connection ({reason_code})"
+            self._cond.notify_all()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._cond:
+            self._acks[mid] = (int(reason_code.value) if reason_code is not None else 0, str(reason_code))
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._cond:
+            self._subacks[mid] = [int(rc.value) for rc in reason_codes]
+            self._cond.notify_all()
+
+    def _on_message(self, client, userdata, msg):
+        topic = msg.topic
+        if topic == RESPONSE_TOPIC:
+            try:
+                data = json.loads(msg.payload)
+                responses = data.get("responses", [])
+            except (ValueError, AttributeError):
+                return
+            with self._cond:
+                for r in responses:
+                    cid = r.get("correlationData") if isinstance(r, dict) else None
+                    if cid in self._responses:
+                        self._responses[cid] = r
+                self._cond.notify_all()
+            return
+        with self._cond:
+            if self._sweep is None:
+                return
+            if self._sentinel is not None and topic == SENTINEL_PREFIX + self.client_id \
+                    and msg.payload.decode("utf-8", "replace") == self._sentinel:
+                self._sentinel_seen = True
+                self._cond.notify_all()
+                return
+            if msg.retain and (self._sweep_filter in ("#", topic)):
+                props = getattr(msg.properties, "UserProperty", None) or []
+                self._sweep[topic] = RetainedMessage(topic, bytes(msg.payload), msg.qos, tuple(map(tuple, props)))
+
+    # ------------------------------------------------------------------ waiting
+
+    def _wait(self, ready, what: str, timeout: float | None = None):
+        deadline = time.monotonic() + (timeout or self.request_timeout)
+        with self._cond:
+            while True:
+                value = ready()
+                if value is not None:
+                    return value
+                if self._lost:
+                    raise TargetError(f"broker {self.url}: {self._lost} while waiting for {what}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TargetError(f"broker {self.url} did not answer {what} within "
+                                      f"{timeout or self.request_timeout:.0f} s")
+                self._cond.wait(left)
+
+    def subscribe(self, topic: str, qos: int = 1) -> list[int]:
+        rc, mid = self._client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TargetError(f"broker {self.url}: cannot subscribe to {topic!r} ({mqtt.error_string(rc)})")
+        return self._wait(lambda: self._subacks.pop(mid, None), f"the subscription to {topic!r}")
+
+    def unsubscribe(self, topic: str) -> None:
+        rc, mid = self._client.unsubscribe(topic)
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            self._wait(lambda: self._subacks.pop(mid, None), f"the unsubscription from {topic!r}")
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False,
+                user_properties: list[tuple[str, str]] | None = None) -> int:
+        """Publish and, for QoS 1 and 2, wait for the broker's acknowledgement. Returns its reason code;
+        raises PublishRefused when the code is a failure (135 Not authorized, ...)."""
+        props = None
+        if user_properties:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = list(user_properties)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TargetError(f"broker {self.url}: cannot publish to {topic!r} ({mqtt.error_string(info.rc)})")
+        if qos == 0:
+            return 0
+        code, reason = self._wait(lambda: self._acks.pop(info.mid, None), f"the publish to {topic!r}")
+        if code >= 128:
+            raise PublishRefused(reason, code)
+        return code
+
+    # ------------------------------------------------------------------ dynamic security
+
+    def request(self, commands: list[dict]) -> list[dict]:
+        """Send dynsec commands in one message; their responses, in order, matched by correlationData."""
+        cids = []
+        with self._cond:
+            for cmd in commands:
+                self._seq += 1
+                cid = f"{self.client_id}-{self._seq}"
+                cmd["correlationData"] = cid
+                self._responses[cid] = None
+                cids.append(cid)
+        payload = json.dumps({"commands": commands}, separators=(",", ":"))
+        what = "the dynamic-security request " + ", ".join(c["command"] for c in commands)
+        try:
+            try:
+                self.publish(CONTROL_TOPIC, payload, qos=1)
+            except PublishRefused as e:
+                raise TargetError(f"broker {self.url} refused {what} ({e.reason}): "
+                                  f"user {self.username!r} is not a dynamic-security admin") from None
+            self._wait(lambda: True if all(self._responses.get(c) is not None for c in cids) else None, what)
+            return [self._responses[c] for c in cids]
+        finally:
+            with self._cond:
+                for c in cids:
+                    self._responses.pop(c, None)
+
+    # ------------------------------------------------------------------ retained messages
+
+    def sweep(self, topic_filter: str = "#", timeout: float = 30.0) -> dict[str, RetainedMessage]:
+        """Every retained message matching `topic_filter`, read in one burst: subscribe, then a
+        sentinel published on our own topic (or, where the login may not publish there, a dynsec
+        round trip) arrives after the last retained message the broker queued for us."""
+        with self._cond:
+            self._sweep = {}
+            self._sweep_filter = topic_filter
+            self._sentinel = uuid.uuid4().hex
+            self._sentinel_seen = False
+        try:
+            codes = self.subscribe(topic_filter, qos=2)
+            if codes[0] >= 128:
+                raise TargetError(f"user {self.username!r} may not subscribe to {topic_filter!r} on {self.url}, "
+                                  "so retained messages cannot be read: grant it subscribePattern "
+                                  f"{topic_filter} (see docs/mqtt.md)")
+            try:
+                self.publish(SENTINEL_PREFIX + self.client_id, self._sentinel, qos=1)
+                self._wait(lambda: True if self._sentinel_seen else None, "the retained-message sweep", timeout)
+            except PublishRefused:
+                # The broker delivers to us in order, so any response queued after the subscription
+                # is also behind the retained burst.
+                self.request([{"command": "getDefaultACLAccess"}])
+            self.unsubscribe(topic_filter)
+            with self._cond:
+                return dict(self._sweep)
+        finally:
+            with self._cond:
+                self._sweep = None
+                self._sentinel = None
