@@ -192,6 +192,10 @@ def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
                             line=_line_of(node, path or ("metadata", "name")), kind=kind, name=name)
     labels = {str(k): str(v) if not isinstance(v, bool) else str(v).lower()
               for k, v in ((meta or {}).get("labels") or {}).items()}
+    resolve = getattr(rules, "resolve_paths", None)
+    if resolve is not None:
+        # Relative paths in a manifest mean "next to this file", as in kustomize.
+        spec = resolve(spec, os.path.dirname(os.path.abspath(file)))
     return Resource(id=ResourceId(kind, name), spec=rules.normalise(spec), labels=labels,
                     file=file, line=line, declared=frozenset(spec), node=node)
 

@@ -71,6 +71,8 @@ def reconcile(paths: list[str], targets: Targets, options: Options, out: Output,
               lock_timeout: float = 300.0, stdout: IO | None = None) -> int:
     stdout = stdout or sys.stdout
     resources = manifest.load(paths)
+    if options.prune and not resources:
+        raise planner.PlanError("refusing to prune: the manifests declare nothing (a wrong path would wipe the host)")
     kinds = {r.id.kind for r in resources}
     providers = make_providers(kinds, targets)
     text = TextReport(stdout, diff=out.diff, quiet=out.quiet, verbose=out.verbose, host=out.host) \

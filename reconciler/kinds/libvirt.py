@@ -2,6 +2,7 @@
 declared specs, the references they make, and classifying desired vs live into actions with reasons."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..model import Action, FieldChange, Live, Options, Resource, ResourceId
@@ -42,8 +43,16 @@ def _labels_change(r: Resource, live: Live) -> list[FieldChange]:
 
 # --------------------------------------------------------------------------- StoragePool
 
+def _abs(path: str, base: str) -> str:
+    return os.path.normpath(os.path.join(base, path))
+
+
 class StoragePoolRules:
     kind = "StoragePool"
+
+    @staticmethod
+    def resolve_paths(spec: dict, base: str) -> dict:
+        return {**spec, "path": _abs(spec["path"], base)}
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -125,6 +134,13 @@ def backing_path(ctx: PlanContext, spec: dict) -> str | None:
 
 class DiskRules:
     kind = "Disk"
+
+    @staticmethod
+    def resolve_paths(spec: dict, base: str) -> dict:
+        b = spec.get("backingStore")
+        if b and "path" in b:
+            return {**spec, "backingStore": {**b, "path": _abs(b["path"], base)}}
+        return spec
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -263,6 +279,12 @@ class VirtualMachineRules:
     kind = "VirtualMachine"
 
     @staticmethod
+    def resolve_paths(spec: dict, base: str) -> dict:
+        if not spec.get("disks"):
+            return spec
+        return {**spec, "disks": [{**d, "path": _abs(d["path"], base)} if "path" in d else d for d in spec["disks"]]}
+
+    @staticmethod
     def check(name: str, spec: dict):
         out = []
         for f in ("memory", "maxMemory"):
@@ -375,7 +397,8 @@ def _compare_vm(d: dict, declared: frozenset, l: dict, ctx: PlanContext, running
     elif d["maxVcpus"] is None and live_max_vcpus is not None and live_max_vcpus < d["vcpus"]:
         ch.append(FieldChange("spec.maxVcpus", live_max_vcpus, d["vcpus"], slow))
     if d["vcpus"] != l.get("vcpus"):
-        fits = max_vcpus is not None and d["vcpus"] <= max_vcpus
+        # Hot-add works within maxVcpus; removing a vCPU the guest booted with needs a restart.
+        fits = max_vcpus is not None and l.get("vcpus", 0) < d["vcpus"] <= max_vcpus
         ch.append(FieldChange("spec.vcpus", l.get("vcpus"), d["vcpus"], "live" if (running and fits) else slow))
     for f in ("boot", "graphics"):
         if f in declared and d[f] != l.get(f):

@@ -127,7 +127,11 @@ def owner_element(labels: dict[str, str]) -> ET.Element:
 
 
 def owner_xml(labels: dict[str, str]) -> str:
-    return ET.tostring(owner_element(labels), encoding="unicode")
+    """The marker for virDomainSetMetadata, which wants it without a namespace and adds its own."""
+    owner = ET.Element("owner", {"managed": "true"})
+    for k in sorted(labels):
+        ET.SubElement(owner, "label", {"key": k}).text = labels[k]
+    return ET.tostring(owner, encoding="unicode")
 
 
 def disk_element(d: dict, source_path: str, fmt: str | None) -> ET.Element:
