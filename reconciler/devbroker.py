@@ -108,7 +108,10 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _config(d: Path, port: int) -> str:
+def _config(d: Path, port: int, tls: dict | None = None) -> str:
+    extra = []
+    if tls:
+        extra = [f"listener {tls['port']} 127.0.0.1", f"certfile {tls['certfile']}", f"keyfile {tls['keyfile']}"]
     return "\n".join([
         "# Written by reconciler.devbroker; regenerated on every start.",
         "per_listener_settings false",
@@ -125,6 +128,7 @@ def _config(d: Path, port: int) -> str:
         "log_type error",
         "log_type warning",
         "log_type notice",
+        *extra,
         "",
     ])
 
@@ -220,8 +224,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(dir: str | os.PathLike, port: int = 1883) -> Broker:
-    """Start (or find running) the broker of `dir` on 127.0.0.1:`port`."""
+def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None) -> Broker:
+    """Start (or find running) the broker of `dir` on 127.0.0.1:`port`. `tls` ({port, certfile, keyfile})
+    adds a TLS listener on 127.0.0.1 (the tests' mqtts:// broker)."""
     d = Path(dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     pid = _pid(d)
@@ -233,7 +238,7 @@ def start(dir: str | os.PathLike, port: int = 1883) -> Broker:
     if _accepts(port):
         raise DevBrokerError(f"127.0.0.1:{port} is already in use by another process")
     conf = d / "mosquitto.conf"
-    _write_private(conf, _config(d, port))
+    _write_private(conf, _config(d, port, tls))
     log = open(d / "mosquitto.log", "ab")
     try:
         proc = subprocess.Popen([_find_binary("mosquitto"), "-c", str(conf)], stdin=subprocess.DEVNULL,

@@ -1,10 +1,10 @@
 """Secrets: read a value from its source ({fromEnv: VAR} or {fromFile: PATH}), hold it where it cannot
 leak (`Secret`), and fingerprint it with a random salt so a changed source can be told from an unchanged one.
 
-A `Secret` prints as `<secret from environment variable X>` in repr, str and f-strings, refuses to be
-pickled or JSON-encoded, and hands its value out only through `reveal()`. Errors name the variable or the
-path, never a value. A relative `fromFile` path is read relative to the current working directory, as
-every command-line tool does.
+A `Secret` prints as `<secret from environment variable X>` in repr, str and f-strings, cannot be
+JSON-encoded, and hands its value out only through `reveal()` (a pickle, for a process pool, keeps it). Errors name the variable or the
+path, never a value. A manifest's relative `fromFile` path has already been made absolute against the
+manifest's folder (MqttClientRules.resolve_paths); any other relative path is read from the working folder.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class Secret:
         return hash(self.source)
 
     def __reduce__(self):
-        raise TypeError("a Secret cannot be pickled")
+        # Pickling (a process pool of the inventory runner) keeps the value; nothing prints a pickle.
+        return (Secret, (self._value, self.source))
 
     def __copy__(self):
         return self

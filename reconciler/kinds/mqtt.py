@@ -17,6 +17,7 @@ Comparison rules, in one place:
 from __future__ import annotations
 
 import json
+import os
 import unicodedata
 from dataclasses import replace
 from typing import Any, Iterable
@@ -287,12 +288,22 @@ class MqttClientRules:
         out = _dup_names(spec.get("roles", []), ("spec", "roles"))
         out += _dup_names(spec.get("groups", []), ("spec", "groups"))
         src = spec.get("password")
-        if isinstance(src, dict):
+        # A relative fromFile path is read next to the manifest (resolve_paths), so only absolute
+        # paths and variables can be checked here; the others are read, and reported, by normalise.
+        if isinstance(src, dict) and ("fromEnv" in src or os.path.isabs(src.get("fromFile", ""))):
             try:
                 read_secret(src)
             except ManifestError as e:
                 out.append((("spec", "password"), e.message))
         return out
+
+    @staticmethod
+    def resolve_paths(spec: dict, base: str) -> dict:
+        """A relative fromFile path means next to the manifest file, like every path in a manifest."""
+        src = spec.get("password")
+        if isinstance(src, dict) and isinstance(src.get("fromFile"), str) and not os.path.isabs(src["fromFile"]):
+            return {**spec, "password": {"fromFile": os.path.normpath(os.path.join(base, src["fromFile"]))}}
+        return spec
 
     @staticmethod
     def normalise(spec: dict) -> dict:

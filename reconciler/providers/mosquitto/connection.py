@@ -305,20 +305,26 @@ class Connection:
             self._sweep_filter = topic_filter
             self._sentinel = uuid.uuid4().hex
             self._sentinel_seen = False
+        sentinel_topic = SENTINEL_PREFIX + self.client_id
+        own = topic_filter != "#"      # `#` already covers the sentinel's topic
         try:
+            if own:
+                self.subscribe(sentinel_topic, qos=1)
             codes = self.subscribe(topic_filter, qos=2)
             if codes[0] >= 128:
                 raise TargetError(f"user {self.username!r} may not subscribe to {topic_filter!r} on {self.url}, "
                                   "so retained messages cannot be read: grant it subscribePattern "
                                   f"{topic_filter} (see docs/mqtt.md)")
             try:
-                self.publish(SENTINEL_PREFIX + self.client_id, self._sentinel, qos=1)
+                self.publish(sentinel_topic, self._sentinel, qos=1)
                 self._wait(lambda: True if self._sentinel_seen else None, "the retained-message sweep", timeout)
             except PublishRefused:
                 # The broker delivers to us in order, so any response queued after the subscription
                 # is also behind the retained burst.
                 self.request([{"command": "getDefaultACLAccess"}])
             self.unsubscribe(topic_filter)
+            if own:
+                self.unsubscribe(sentinel_topic)
             with self._cond:
                 return dict(self._sweep)
         finally:
