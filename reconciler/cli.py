@@ -43,8 +43,18 @@ def _common(p: argparse.ArgumentParser, targets: bool = True) -> None:
         p.add_argument("--limit", metavar="NAME", help="only this inventory host")
 
 
+def _scope(text: str) -> str:
+    import re
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid scope name")
+    return text
+
+
 def _change_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune", action="store_true", help="delete managed objects that no manifest declares")
+    p.add_argument("--scope", type=_scope, default=os.environ.get("RECONCILER_SCOPE", "default"),
+                   help="ownership scope written into markers; --prune only deletes objects of this scope "
+                        "(env RECONCILER_SCOPE; default 'default')")
     p.add_argument("--force", action="store_true", help="allow a prune of more than half of a kind's managed objects")
 
 
@@ -108,7 +118,8 @@ def _options(args):
     return Options(prune=getattr(args, "prune", False), force=getattr(args, "force", False),
                    allow_restart=getattr(args, "allow_restart", False),
                    allow_replace=getattr(args, "allow_replace", False),
-                   shutdown_timeout=getattr(args, "shutdown_timeout", 60.0))
+                   shutdown_timeout=getattr(args, "shutdown_timeout", 60.0),
+                   scope=getattr(args, "scope", "default"))
 
 
 def _output(args):

@@ -132,5 +132,8 @@ class Options:
     force: bool = False
     allow_restart: bool = False
     allow_replace: bool = False
+    # The ownership scope: --prune only touches managed objects of the same scope, so that two
+    # repositories (or two test runs) can share one host.
+    scope: str = "default"
     # Seconds a graceful shutdown may take before the VM is forced off.
     shutdown_timeout: float = 60.0

@@ -36,7 +36,7 @@ def plan(desired: list[Resource], snapshot: Snapshot, options: Options = Options
     for lid, live in sorted(snapshot.objects.items()):
         if lid in by_id:
             continue
-        if lid.kind in PRUNABLE and live.managed:
+        if lid.kind in PRUNABLE and live.managed and live.facts.get("scope", "default") == options.scope:
             if options.prune:
                 prunes.append(Action("delete", lid, "managed, and no manifest declares it (--prune)", live=live))
             else:
@@ -48,7 +48,8 @@ def plan(desired: list[Resource], snapshot: Snapshot, options: Options = Options
         if not desired:
             raise PlanError("refusing to prune: the manifests declare nothing (a wrong path would wipe the host)")
         if not options.force:
-            managed = Counter(lid.kind for lid, l in snapshot.objects.items() if l.managed and lid.kind in PRUNABLE)
+            managed = Counter(lid.kind for lid, l in snapshot.objects.items()
+                              if l.managed and lid.kind in PRUNABLE and l.facts.get("scope", "default") == options.scope)
             for kind, n in Counter(a.id.kind for a in prunes).items():
                 if n > PRUNE_MAX_COUNT and n > managed[kind] * PRUNE_MAX_SHARE:
                     raise PlanError(f"refusing to prune {n} of {managed[kind]} managed {kind} objects "

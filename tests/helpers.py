@@ -34,6 +34,9 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str | No
     """`python -m reconciler ARGS` in a subprocess, as a user runs it."""
     e = dict(os.environ)
     e.setdefault("RECONCILER_SHUTDOWN_TIMEOUT", "1s")
+    # Tests share one libvirtd and may run beside `make demo`: a test's --prune only ever
+    # touches its own scope (tests that prune pass --scope PREFIX).
+    e.setdefault("RECONCILER_SCOPE", "tests")
     if env:
         e.update(env)
     p = subprocess.run([sys.executable, "-m", "reconciler", *args], capture_output=True, text=True,

@@ -33,7 +33,8 @@ def apply_twice(path, uri, *extra) -> None:
     second = cli("apply", str(path), "--libvirt-uri", uri, *extra)
     assert second.code == 0, second.out + second.err
     assert "changed=0" in second.recap and "failed=0" in second.recap, second.out
-    plan = cli("plan", str(path), "--libvirt-uri", uri)
+    scope = list(extra[extra.index("--scope"):extra.index("--scope") + 2]) if "--scope" in extra else []
+    plan = cli("plan", str(path), "--libvirt-uri", uri, *scope)
     assert plan.code == 0, plan.out
     return first
 
@@ -172,7 +173,7 @@ def test_disk_grows_in_place_with_data_kept_and_never_shrinks(qemu_uri, prefix, 
     write(m, *node(prefix, pool_dir, state="running", data_capacity="32MiB"))
     plan = cli("plan", str(m), "--libvirt-uri", qemu_uri)
     assert plan.code == 1 and "shrinking" in plan.out
-    run = cli("apply", str(m), "--libvirt-uri", qemu_uri, "--force", "--prune")
+    run = cli("apply", str(m), "--libvirt-uri", qemu_uri, "--force", "--prune", "--scope", prefix.rstrip("-"))
     assert run.code == 1 and "refused" in run.out
     assert os.path.getsize(data) == 128 * 1024 * 1024
 
@@ -230,7 +231,7 @@ def test_disk_removed_from_manifests_is_orphaned_and_kept(qemu_uri, prefix, pool
     write(m, *docs)
     apply_twice(m, qemu_uri)
     write(m, docs[0], docs[1], docs[3])
-    for flags in ((), ("--prune",), ("--prune", "--force")):
+    for flags in ((), ("--prune", "--scope", "tests"), ("--prune", "--force", "--scope", "tests")):
         run = cli("apply", str(m), "--libvirt-uri", qemu_uri, *flags)
         assert run.code == 0 and f"orphan: [Disk/{prefix}data]" in run.out
     assert os.path.exists(os.path.join(pool_dir, f"{prefix}data"))
@@ -242,7 +243,8 @@ def test_prune_deletes_only_marked_vms_and_adoption_marks(qemu_uri, prefix, pool
     extra = doc("VirtualMachine", f"{prefix}extra", {"hypervisor": "qemu", "memory": "64MiB", "vcpus": 1,
                                                     "state": "shutoff"})
     write(m, *docs, extra)
-    apply_twice(m, qemu_uri)
+    scope = ("--scope", prefix.rstrip("-"))
+    apply_twice(m, qemu_uri, *scope)
     # A VM made by hand, without the marker.
     hand = f"{prefix}hand"
     xml = tmp_path / "hand.xml"
@@ -250,16 +252,16 @@ def test_prune_deletes_only_marked_vms_and_adoption_marks(qemu_uri, prefix, pool
                    "<os><type arch='x86_64'>hvm</type></os></domain>")
     virsh(qemu_uri, "define", str(xml))
     write(m, *docs)
-    plan = cli("plan", str(m), "--libvirt-uri", qemu_uri, "--prune", "-o", "json")
+    plan = cli("plan", str(m), "--libvirt-uri", qemu_uri, "--prune", *scope, "-o", "json")
     deletes = [c["name"] for c in plan.json["changes"] if c["action"] == "delete"]
     assert deletes == [f"{prefix}extra"]
-    apply_twice(m, qemu_uri, "--prune")
+    apply_twice(m, qemu_uri, "--prune", *scope)
     names = virsh(qemu_uri, "list", "--all", "--name")
     assert f"{prefix}extra" not in names and hand in names
     # Naming the hand-made VM adopts it: it gets the marker and is managed from now on.
     adopt = doc("VirtualMachine", hand, {"hypervisor": "qemu", "memory": "64MiB", "vcpus": 1, "state": "shutoff"})
     write(m, *docs, adopt)
-    run = apply_twice(m, qemu_uri, "--prune")
+    run = apply_twice(m, qemu_uri, "--prune", *scope)
     assert "metadata.managed" in run.out or "adopt" in run.out or "changed=1" in run.recap
     assert "reconciler:owner" in virsh(qemu_uri, "dumpxml", hand)
 

@@ -95,8 +95,10 @@ def parse_domain(xml: str) -> dict[str, Any]:
     owner = root.find(f"metadata/{{{NS}}}owner")
     labels = {}
     managed = False
+    scope = None
     if owner is not None:
         managed = owner.get("managed") == "true"
+        scope = owner.get("scope", "default")
         for lab in owner.findall(f"{{{NS}}}label"):
             labels[lab.get("key", "")] = lab.text or ""
     spec = {
@@ -114,21 +116,21 @@ def parse_domain(xml: str) -> dict[str, Any]:
         "description": desc,
     }
     return {"name": _text(root.find("name")), "uuid": _text(root.find("uuid")), "spec": spec,
-            "labels": labels, "managed": managed}
+            "labels": labels, "managed": managed, "scope": scope}
 
 
-def owner_element(labels: dict[str, str]) -> ET.Element:
-    """The ownership marker: <reconciler:owner managed="true"> with the labels inside."""
-    owner = ET.Element(f"{{{NS}}}owner", {"managed": "true"})
+def owner_element(labels: dict[str, str], scope: str = "default") -> ET.Element:
+    """The ownership marker: <reconciler:owner managed="true" scope="..."> with the labels inside."""
+    owner = ET.Element(f"{{{NS}}}owner", {"managed": "true", "scope": scope})
     for k in sorted(labels):
         lab = ET.SubElement(owner, f"{{{NS}}}label", {"key": k})
         lab.text = labels[k]
     return owner
 
 
-def owner_xml(labels: dict[str, str]) -> str:
+def owner_xml(labels: dict[str, str], scope: str = "default") -> str:
     """The marker for virDomainSetMetadata, which wants it without a namespace and adds its own."""
-    owner = ET.Element("owner", {"managed": "true"})
+    owner = ET.Element("owner", {"managed": "true", "scope": scope})
     for k in sorted(labels):
         ET.SubElement(owner, "label", {"key": k}).text = labels[k]
     return ET.tostring(owner, encoding="unicode")
@@ -210,18 +212,18 @@ def _set_description(root: ET.Element, text: str | None) -> None:
     el.text = text
 
 
-def _set_owner(root: ET.Element, labels: dict) -> None:
+def _set_owner(root: ET.Element, labels: dict, scope: str) -> None:
     meta = root.find("metadata")
     if meta is None:
         meta = ET.Element("metadata")
         root.insert(3, meta)
     for old in meta.findall(f"{{{NS}}}owner"):
         meta.remove(old)
-    meta.append(owner_element(labels))
+    meta.append(owner_element(labels, scope))
 
 
 def build_domain(name: str, spec: dict, labels: dict, disk_sources: dict[str, tuple[str, str | None]],
-                 uuid: str | None = None) -> str:
+                 uuid: str | None = None, scope: str = "default") -> str:
     """A new domain's XML. `disk_sources` maps each disk target to its (file, format)."""
     root = ET.Element("domain", {"type": spec["hypervisor"]})
     ET.SubElement(root, "name").text = name
@@ -229,7 +231,7 @@ def build_domain(name: str, spec: dict, labels: dict, disk_sources: dict[str, tu
         ET.SubElement(root, "uuid").text = uuid
     if spec.get("description") is not None:
         ET.SubElement(root, "description").text = spec["description"]
-    ET.SubElement(root, "metadata").append(owner_element(labels))
+    ET.SubElement(root, "metadata").append(owner_element(labels, scope))
     _set_memory(root, spec)
     _set_vcpus(root, spec)
     os_el = ET.SubElement(root, "os")
@@ -264,14 +266,14 @@ def _fill_devices(devices: ET.Element, spec: dict, disk_sources: dict) -> None:
 
 
 def patch_domain(xml: str, spec: dict, declared: frozenset, labels: dict,
-                 disk_sources: dict[str, tuple[str, str | None]]) -> str:
+                 disk_sources: dict[str, tuple[str, str | None]], scope: str = "default") -> str:
     """The persistent definition with the declared fields set to `spec`; everything libvirt filled
     in (UUID, addresses, controllers, generated MACs) is kept as it is."""
     root = ET.fromstring(xml)
     _set_memory(root, spec)
     _set_vcpus(root, spec)
     _set_description(root, spec.get("description") if "description" in declared else _text(root.find("description")))
-    _set_owner(root, labels)
+    _set_owner(root, labels, scope)
     os_el = root.find("os")
     if "boot" in declared and os_el is not None:
         for b in os_el.findall("boot"):

@@ -135,7 +135,8 @@ class LibvirtProvider:
         for name, cfg, live_xml in described:
             parsed = domxml.parse_domain(cfg)
             state = "running" if name in running else "paused" if name in paused else "shutoff"
-            facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"]}
+            facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"],
+                                     "scope": parsed["scope"]}
             if live_xml is not None:
                 facts["running_spec"] = domxml.parse_domain(live_xml)["spec"]
             for d in parsed["spec"]["disks"]:
@@ -294,11 +295,11 @@ class LibvirtProvider:
         spec = a.desired.spec
         dom = self._lookup(a.id.name)
         if dom is None:
-            xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec))
+            xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), scope=o.scope)
             dom = self.conn.defineXML(xml)
         else:
             # An earlier run was killed between define and the rest: finish it, marker included.
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels)),
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels), o.scope),
                             domxml.NS_PREFIX, domxml.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         if spec["autostart"]:
             dom.setAutostart(1)
@@ -352,14 +353,14 @@ class LibvirtProvider:
         if "spec.description" in by_path:
             flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, spec["description"] or None, None, None, flags)
-        if "metadata.labels" in by_path or "metadata.managed" in by_path:
+        if {"metadata.labels", "metadata.managed", "metadata.scope"} & set(by_path):
             flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels)),
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels), o.scope),
                             domxml.NS_PREFIX, domxml.NS, flags)
         config_changes = [c for c in a.changes if c.mode in ("config", "restart")]
         if config_changes:
             cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            new = domxml.patch_domain(cfg, spec, declared, dict(a.desired.labels), self._disk_sources(spec))
+            new = domxml.patch_domain(cfg, spec, declared, dict(a.desired.labels), self._disk_sources(spec), o.scope)
             self.conn.defineXML(new)
             if active and any(c.mode == "restart" for c in config_changes):
                 notes.append("restart required for " + ", ".join(c.path for c in config_changes if c.mode == "restart"))
@@ -409,7 +410,8 @@ class LibvirtProvider:
         if dom.isActive():
             self._shutdown(dom, o.shutdown_timeout)
         spec = a.desired.spec
-        xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), uuid=uuid)
+        xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), uuid=uuid,
+                                  scope=o.scope)
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         dom = self.conn.defineXML(xml)
         dom.setAutostart(1 if spec["autostart"] else 0)
