@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -11,10 +12,11 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ManifestError
-from .model import KINDS, Resource, ResourceId
+from .model import KINDS, LIBVIRT_KINDS, Resource, ResourceId
 
 MAX_FILE_BYTES = 8 * 1024 * 1024       # a manifest file larger than this is refused
 MAX_NODES = 200_000                    # YAML nodes per file once aliases are expanded
+MAX_DEPTH = 64                         # nesting of YAML collections; real manifests use under 10
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 
 
@@ -44,8 +46,24 @@ def find_files(paths: Iterable[str]) -> list[str]:
     return found
 
 
+class _TooDeep(yaml.MarkedYAMLError):
+    """A document nested deeper than MAX_DEPTH."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML would silently keep the last)."""
+    """SafeLoader that refuses documents nested deeper than MAX_DEPTH before PyYAML's recursive
+    composer can exhaust the stack (duplicate keys and alias bombs are refused by _check_nodes)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _check_nodes(node: yaml.Node, file: str) -> None:
@@ -127,6 +145,8 @@ def load_documents(file: str) -> list[tuple[Any, yaml.Node]]:
                 docs.append((data, node))
         finally:
             loader.dispose()
+    except _TooDeep as e:
+        raise ManifestError(f"YAML document {e.problem}", file=file, line=e.problem_mark.line + 1) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -159,6 +179,33 @@ def _schema_message(err, kind: str) -> str:
     return f"{path}: {msg}"
 
 
+# Characters XML 1.0 cannot hold at all, plus CR, which every XML parser reads back as LF (so a
+# description holding one would show as drift forever). Every string of a libvirt kind ends up in XML.
+_NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0d\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_unsafe(data: Any, path: tuple = ()) -> tuple[tuple, str] | None:
+    """The path of the first string (key or value) that libvirt's XML cannot hold unchanged, and why."""
+    if isinstance(data, str):
+        m = _NOT_IN_XML.search(data)
+        if m:
+            c = m.group()
+            what = "a carriage return (XML reads it back as a line feed)" if c == "\r" else \
+                f"the character U+{ord(c):04X}, which XML cannot hold"
+            return path, what
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            found = _xml_unsafe(k, path + (k,)) or _xml_unsafe(v, path + (k,))
+            if found:
+                return found
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found = _xml_unsafe(v, path + (i,))
+            if found:
+                return found
+    return None
+
+
 def _kind_modules():
     from .kinds import KIND_RULES
     return KIND_RULES
@@ -184,6 +231,12 @@ def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
         err = max(errors, key=lambda e: len(list(e.absolute_path)))
         raise ManifestError(_schema_message(err, kind), file=file, line=_line_of(node, tuple(err.absolute_path)),
                             kind=kind, name=kname)
+    if kind in LIBVIRT_KINDS:
+        unsafe = _xml_unsafe(data)
+        if unsafe:
+            path, what = unsafe
+            raise ManifestError(f"{'.'.join(map(str, path))}: contains {what}", file=file,
+                                line=_line_of(node, path), kind=kind, name=kname)
     rules = _kind_modules()[kind]
     spec = data.get("spec") or {}
     for path, message in rules.check(name, spec):
