@@ -68,7 +68,8 @@ def _unique(providers: dict) -> list:
 
 
 def reconcile(paths: list[str], targets: Targets, options: Options, out: Output, *, apply: bool,
-              lock_timeout: float = 300.0, stdout: IO | None = None) -> int:
+              lock_timeout: float = 300.0, stdout: IO | None = None, progress=None) -> int:
+    """`progress` (reconciler.progress.Progress) watches the apply; default: a display on stderr."""
     stdout = stdout or sys.stdout
     resources = manifest.load(paths)
     if options.prune and not resources:
@@ -100,7 +101,14 @@ def reconcile(paths: list[str], targets: Targets, options: Options, out: Output,
                 ok = code != EXIT_ERROR
                 return code
             from .applier import apply as run_apply
-            results = run_apply(plan, providers, options, text.result if text else (lambda r: None))
+            from .progress import for_stderr
+            prog = progress if progress is not None else for_stderr(out)
+            on_result = prog.wrap(text.result if text else (lambda r: None))
+            prog.begin(plan)
+            try:
+                results = run_apply(plan, providers, options, on_result)
+            finally:
+                prog.end()
             if text:
                 text.orphans(plan)
                 text.recap(plan)
