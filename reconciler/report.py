@@ -112,39 +112,89 @@ def apply_json(plan: Plan, results: list[Result]) -> dict:
 
 def write_metrics(path: str, plan: Plan | None, results: list[Result] | None, ok: bool,
                   host: str | None = None) -> None:
-    """Prometheus text format for node_exporter's textfile collector, written atomically."""
-    host_label = f',host="{host}"' if host else ""
-    lines = [
-        "# HELP reconciler_drift Declared resources whose live state differs, per kind.",
-        "# TYPE reconciler_drift gauge",
-    ]
+    """Prometheus text format for node_exporter's textfile collector, written atomically (a temporary
+    file in the same folder, then rename), so the collector never reads half a file.
+
+    Series (every kind, and every kind x action, is always present so that alerts see zeros):
+      reconciler_drift{kind}                     declared resources whose live state differed at the start
+                                                 of the last run (for apply: what it set out to correct)
+      reconciler_changes{kind,action}            changes applied in the last run
+      reconciler_failures{kind}                  changes that failed (apply) or were refused (plan)
+      reconciler_last_run_timestamp_seconds      when the last run ended
+      reconciler_last_run_success                1 when it ended without an error or a failed change
+      reconciler_last_success_timestamp_seconds  when a run last succeeded (kept across failed runs)
+    With `host` (inventory runs) every series carries host="...".
+    """
+    from .model import VERBS
+
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    def series(name: str, labels: dict, value) -> str:
+        if host:
+            labels = {**labels, "host": host}
+        inner = ",".join(f'{k}="{esc(str(v))}"' for k, v in labels.items())
+        return f"{name}{{{inner}}} {value}" if inner else f"{name} {value}"
+
     drift = {k: 0 for k in KINDS}
-    changes: dict[tuple, int] = {}
+    changes = {(k, v): 0 for k in KINDS for v in VERBS}
     failures = {k: 0 for k in KINDS}
     if plan is not None:
         for a in plan.actions:
             drift[a.id.kind] += 1
+            if results is None and a.refused:
+                failures[a.id.kind] += 1
     for r in results or []:
-        if r.status == "applied":
-            changes[(r.action.id.kind, r.action.verb)] = changes.get((r.action.id.kind, r.action.verb), 0) + 1
+        if r.status == "applied" and r.action.verb in VERBS:
+            changes[(r.action.id.kind, r.action.verb)] += 1
         elif r.status == "failed":
             failures[r.action.id.kind] += 1
-    lines += [f'reconciler_drift{{kind="{k}"{host_label}}} {v}' for k, v in drift.items()]
+    now = time.time()
+    last_success = now if ok else _previous_value(path, "reconciler_last_success_timestamp_seconds")
+    lines = ["# HELP reconciler_drift Declared resources whose live state differed at the start of the last run, per kind.",
+             "# TYPE reconciler_drift gauge"]
+    lines += [series("reconciler_drift", {"kind": k}, v) for k, v in drift.items()]
     lines += ["# HELP reconciler_changes Changes applied in the last run, per kind and action.",
               "# TYPE reconciler_changes gauge"]
-    lines += [f'reconciler_changes{{kind="{k}",action="{v}"{host_label}}} {n}' for (k, v), n in sorted(changes.items())]
-    lines += ["# HELP reconciler_failures Changes that failed in the last run, per kind.",
+    lines += [series("reconciler_changes", {"kind": k, "action": v}, n) for (k, v), n in changes.items()]
+    lines += ["# HELP reconciler_failures Changes that failed (apply) or were refused (plan) in the last run, per kind.",
               "# TYPE reconciler_failures gauge"]
-    lines += [f'reconciler_failures{{kind="{k}"{host_label}}} {v}' for k, v in failures.items()]
-    lines += ["# HELP reconciler_last_run_timestamp_seconds When the last run ended.",
+    lines += [series("reconciler_failures", {"kind": k}, v) for k, v in failures.items()]
+    lines += ["# HELP reconciler_last_run_timestamp_seconds When the last run ended (Unix time).",
               "# TYPE reconciler_last_run_timestamp_seconds gauge",
-              f"reconciler_last_run_timestamp_seconds{{{host_label[1:]}}} {time.time():.3f}",
-              "# HELP reconciler_last_run_success 1 if the last run ended without error.",
+              series("reconciler_last_run_timestamp_seconds", {}, f"{now:.3f}"),
+              "# HELP reconciler_last_run_success 1 if the last run ended without an error or a failed change.",
               "# TYPE reconciler_last_run_success gauge",
-              f"reconciler_last_run_success{{{host_label[1:]}}} {1 if ok else 0}"]
+              series("reconciler_last_run_success", {}, 1 if ok else 0)]
+    if last_success is not None:
+        lines += ["# HELP reconciler_last_success_timestamp_seconds When a run last succeeded (Unix time).",
+                  "# TYPE reconciler_last_success_timestamp_seconds gauge",
+                  series("reconciler_last_success_timestamp_seconds", {}, last_success if isinstance(last_success, str)
+                         else f"{last_success:.3f}")]
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".reconciler-metrics-", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=".reconciler-metrics-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _previous_value(path: str, name: str) -> str | None:
+    """A sample's value in the metrics file a previous run wrote, or None (write_metrics' helper)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return line.rsplit(" ", 1)[1].strip()
+    except (OSError, UnicodeDecodeError, IndexError):
+        return None
+    return None
