@@ -15,7 +15,8 @@ def apply(plan: Plan, providers: Mapping[str, Provider], options: Options,
     failed: set = set()
 
     def record(r: Result) -> None:
-        if r.status == "failed":
+        # Only a missing object blocks its dependents: a refused grow leaves the disk usable.
+        if r.status in ("failed", "skipped") and r.action.verb == "create":
             failed.add(r.action.id)
         results.append(r)
         on_result(r)

@@ -32,6 +32,17 @@ def _msg(e: libvirt.libvirtError) -> str:
     return e.get_error_message() or str(e)
 
 
+def _live_and_config(call, *args) -> None:
+    """Change the running VM and its definition in one call where the driver allows it, else in two."""
+    try:
+        call(*args, LIVE_CONFIG)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_OPERATION_INVALID):
+            raise
+        call(*args, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        call(*args, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+
 class LibvirtProvider:
     kinds = ("StoragePool", "Disk", "VirtualMachine")
 
@@ -345,9 +356,9 @@ class LibvirtProvider:
         if active:
             for c in live_changes:
                 if c.path == "spec.memory":
-                    dom.setMemoryFlags(spec["memory"] // 1024, LIVE_CONFIG)
+                    _live_and_config(dom.setMemoryFlags, spec["memory"] // 1024)
                 elif c.path == "spec.vcpus":
-                    dom.setVcpusFlags(spec["vcpus"], LIVE_CONFIG)
+                    _live_and_config(dom.setVcpusFlags, spec["vcpus"])
                 elif c.path.startswith("spec.disks["):
                     notes += self._hot_disk(dom, c, spec)
         if "spec.description" in by_path:
