@@ -16,8 +16,36 @@ from .model import KINDS, LIBVIRT_KINDS, Resource, ResourceId
 
 MAX_FILE_BYTES = 8 * 1024 * 1024       # a manifest file larger than this is refused
 MAX_NODES = 200_000                    # YAML nodes per file once aliases are expanded
+MAX_INT_DIGITS = 40                    # digits of an integer scalar; 2**64 has 20
 MAX_DEPTH = 64                         # nesting of YAML collections; real manifests use under 10
 SCHEMA_DIR = Path(__file__).with_name("schemas")
+
+
+@lru_cache(maxsize=None)
+def _ecma_regex(pattern: str) -> "re.Pattern":
+    """A schema pattern with ECMA-262's meaning of `$` (JSON Schema's regex dialect): the very end of
+    the string. Python's `$` also matches before a final newline, which would let a name such as
+    "gw-1\\n" pass ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ and reach libvirt's XML or a broker."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[":
+            in_class = True
+        elif c == "]":
+            in_class = False
+        out.append("\\Z" if c == "$" and not in_class else c)
+        i += 1
+    return re.compile("".join(out))
+
+
+def _pattern_keyword(validator, pattern, instance, schema):
+    from jsonschema.exceptions import ValidationError
+    if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
 @lru_cache(maxsize=None)
@@ -26,7 +54,8 @@ def validator(kind: str):
     import jsonschema
     with open(SCHEMA_DIR / f"{kind}.json", encoding="utf-8") as f:
         schema = json.load(f)
-    return jsonschema.Draft202012Validator(schema)
+    cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern_keyword})
+    return cls(schema)
 
 
 def find_files(paths: Iterable[str]) -> list[str]:
@@ -89,6 +118,9 @@ def _check_nodes(node: yaml.Node, file: str) -> None:
         elif isinstance(n, yaml.SequenceNode):
             for v in n.value:
                 total += size(v)
+        elif n.tag == "tag:yaml.org,2002:int" and len(n.value) > MAX_INT_DIGITS:
+            raise ManifestError(f"a number of {len(n.value)} digits is too long (at most {MAX_INT_DIGITS})",
+                                file=file, line=n.start_mark.line + 1)
         if total > MAX_NODES:
             raise ManifestError(f"document too large or too deeply aliased (over {MAX_NODES} nodes)",
                                 file=file, line=n.start_mark.line + 1)
@@ -141,7 +173,12 @@ def load_documents(file: str) -> list[tuple[Any, yaml.Node]]:
                 if node is None:
                     continue
                 _check_nodes(node, file)
-                data = loader.construct_document(node)
+                try:
+                    data = loader.construct_document(node)
+                except (ValueError, OverflowError) as e:
+                    # A scalar the safe constructors cannot turn into a value (a timestamp such as 2024-13-45).
+                    raise ManifestError(f"a value cannot be read: {e}", file=file,
+                                        line=node.start_mark.line + 1) from None
                 docs.append((data, node))
         finally:
             loader.dispose()
