@@ -104,11 +104,19 @@ def _noop(r: Resource, live: Live | None, reason: str) -> Action:
     return Action("noop", r.id, reason, desired=r, live=live)
 
 
-def _common_changes(r: Resource, live: Live, fields: tuple[str, ...]) -> list[FieldChange]:
-    """Ownership, declared text fields and labels."""
-    ch = []
+def _ownership_changes(live: Live, ctx: PlanContext) -> list[FieldChange]:
+    """Adoption of an unmarked object, or moving a marked one into this run's scope."""
     if not live.managed:
-        ch.append(FieldChange("metadata.managed", False, True))
+        return [FieldChange("metadata.managed", False, True)]
+    scope = live.facts.get("scope", "default")
+    if scope != ctx.options.scope:
+        return [FieldChange("metadata.scope", scope, ctx.options.scope)]
+    return []
+
+
+def _common_changes(r: Resource, live: Live, fields: tuple[str, ...], ctx: PlanContext) -> list[FieldChange]:
+    """Ownership, declared text fields and labels."""
+    ch = _ownership_changes(live, ctx)
     for f in fields:
         if f in r.declared and r.spec.get(f) != live.spec.get(f):
             ch.append(FieldChange(f"spec.{f}", live.spec.get(f), r.spec.get(f)))
@@ -231,7 +239,7 @@ class MqttRoleRules:
                        if f in r.declared and r.spec[f] is not None]
             changes += keyed_changes("acls", [], acls or [], acl_key, " ".join)
             return [Action("create", r.id, "role does not exist", tuple(changes), desired=want)]
-        changes = _common_changes(want, live, ("description", "textName"))
+        changes = _common_changes(want, live, ("description", "textName"), ctx)
         if acls is not None:
             changes += keyed_changes("acls", live.spec.get("acls", []), acls, acl_key, " ".join)
         if changes:
@@ -268,7 +276,7 @@ class MqttGroupRules:
             changes += _ref_changes("roles", [], d["roles"])
             needs = _missing_needs(ctx, (ResourceId("MqttRole", x["name"]) for x in d["roles"]))
             return [Action("create", r.id, "group does not exist", tuple(changes), desired=r, needs=needs)]
-        changes = _common_changes(r, live, ("description", "textName"))
+        changes = _common_changes(r, live, ("description", "textName"), ctx)
         if "roles" in r.declared:
             changes += _ref_changes("roles", live.spec.get("roles"), d["roles"])
         if changes:
@@ -340,7 +348,7 @@ class MqttClientRules:
             if d["disabled"]:
                 changes.append(FieldChange("spec.disabled", None, True))
             return [Action("create", r.id, "client does not exist", tuple(changes), desired=r, needs=needs)]
-        changes = _common_changes(r, live, ("clientId", "description", "textName"))
+        changes = _common_changes(r, live, ("clientId", "description", "textName"), ctx)
         if d["disabled"] != live.spec.get("disabled", False):
             changes.append(FieldChange("spec.disabled", live.spec.get("disabled", False), d["disabled"]))
         if d["password"] is not None and not verify(d["password"].reveal(), live.facts.get("fingerprint")):
@@ -416,9 +424,7 @@ class TopicRules:
                            (FieldChange("spec.retained.payload", None, want["payload"]),
                             FieldChange("spec.retained.qos", None, want["qos"])), desired=r)]
         have = live.spec.get("retained") or {}
-        changes = []
-        if not live.managed:
-            changes.append(FieldChange("metadata.managed", False, True))
+        changes = _ownership_changes(live, ctx)
         if not payload_matches(want, have.get("payload")):
             changes.append(FieldChange("spec.retained.payload", have.get("payload"), want["payload"]))
         if have.get("qos") != want["qos"]:

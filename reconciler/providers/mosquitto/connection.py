@@ -28,7 +28,7 @@ from ...errors import TargetError
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 SENTINEL_PREFIX = "reconciler/sweep/"
-CONNECT_TIMEOUT = 25.0      # TCP + TLS + CONNACK; the whole failure is reported within 30 s
+CONNECT_TIMEOUT = 20.0      # TCP + TLS + CONNACK; the whole failure is reported within 30 s
 REQUEST_TIMEOUT = 15.0
 
 

@@ -4,14 +4,15 @@
 textdescription = the user's description, a newline, and one marker line:
 
     sensor firmware
-    reconciler:v1 {"labels":{"site":"plant-3"},"pw":"pbkdf2-sha256$60000$...$..."}
+    reconciler:v1 {"labels":{"site":"plant-3"},"pw":"pbkdf2-sha256$60000$...$...","scope":"edge"}
 
 The description round-trips unchanged (everything before the last line); a text without the marker
 line is an unmarked object and all of it is the description. `pw` (clients only) is the salted
-fingerprint of the password the reconciler last applied, never the password.
+fingerprint of the password the reconciler last applied, never the password; `scope` (absent for
+the default scope) is the ownership scope of the run that wrote it (--prune keeps to its own scope).
 
 A retained message carries the user properties `managed-by: reconciler` and, when it has labels,
-`reconciler-labels: {"k":"v"}`.
+`reconciler-labels: {"k":"v"}`, and outside the default scope `reconciler-scope: NAME`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Any
 PREFIX = "reconciler:v1 "
 PROPERTY = ("managed-by", "reconciler")
 LABELS_PROPERTY = "reconciler-labels"
+SCOPE_PROPERTY = "reconciler-scope"
+DEFAULT_SCOPE = "default"
 
 
 def encode(description: str | None, marker: dict[str, Any]) -> str:
@@ -43,19 +46,24 @@ def decode(text: str | None) -> tuple[str | None, dict | None]:
     return text, None
 
 
-def user_properties(labels: dict[str, str]) -> list[tuple[str, str]]:
+def user_properties(labels: dict[str, str], scope: str = DEFAULT_SCOPE) -> list[tuple[str, str]]:
     props = [PROPERTY]
     if labels:
         props.append((LABELS_PROPERTY, json.dumps(dict(sorted(labels.items())), separators=(",", ":"))))
+    if scope != DEFAULT_SCOPE:
+        props.append((SCOPE_PROPERTY, scope))
     return props
 
 
-def read_properties(props: list[tuple[str, str]] | None) -> tuple[bool, dict[str, str]]:
-    """(managed, labels) from a retained message's user properties."""
+def read_properties(props: list[tuple[str, str]] | None) -> tuple[bool, dict[str, str], str]:
+    """(managed, labels, scope) from a retained message's user properties."""
     props = props or []
     managed = tuple(PROPERTY) in [tuple(p) for p in props]
     labels: dict[str, str] = {}
+    scope = DEFAULT_SCOPE
     for k, v in props:
+        if k == SCOPE_PROPERTY:
+            scope = v
         if k == LABELS_PROPERTY:
             try:
                 data = json.loads(v)
@@ -63,4 +71,4 @@ def read_properties(props: list[tuple[str, str]] | None) -> tuple[bool, dict[str
                     labels = {str(a): str(b) for a, b in data.items()}
             except ValueError:
                 pass
-    return managed, (labels if managed else {})
+    return managed, (labels if managed else {}), scope

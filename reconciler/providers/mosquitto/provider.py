@@ -44,12 +44,14 @@ def _live(kind: str, name: str, obj: dict, spec: dict) -> Live:
     facts: dict[str, Any] = {}
     if mark and isinstance(mark.get("pw"), str):
         facts["fingerprint"] = mark["pw"]
+    if mark:
+        facts["scope"] = str(mark.get("scope") or marker.DEFAULT_SCOPE)
     return Live(ResourceId(kind, name), spec, labels, managed=mark is not None, facts=facts)
 
 
 def _topic_live(m: RetainedMessage) -> Live:
-    managed, labels = marker.read_properties(list(m.user_properties))
-    facts: dict[str, Any] = {"size": len(m.payload)}
+    managed, labels, scope = marker.read_properties(list(m.user_properties))
+    facts: dict[str, Any] = {"size": len(m.payload), "scope": scope}
     try:
         payload: str | None = m.payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -66,6 +68,7 @@ class MosquittoProvider:
         self.url = url
         self._conn = Connection(url, username, password, cafile)   # validates the URL, no I/O
         self._open = False
+        self._scope = marker.DEFAULT_SCOPE
 
     def __repr__(self) -> str:
         return f"MosquittoProvider({self.url!r}, username={self._conn.username!r})"
@@ -123,6 +126,7 @@ class MosquittoProvider:
     # ------------------------------------------------------------------ apply
 
     def apply(self, action: Action, options: Options | None = None) -> str:
+        self._scope = (options or Options()).scope
         kind = action.id.kind
         if kind == "Topic":
             return self._apply_topic(action)
@@ -157,6 +161,8 @@ class MosquittoProvider:
         else:
             description = live.spec.get("description")
         mark: dict[str, Any] = {"labels": dict(sorted(r.labels.items()))}
+        if self._scope != marker.DEFAULT_SCOPE:
+            mark["scope"] = self._scope
         if pw is None and live is not None:
             pw = live.facts.get("fingerprint")
         if pw:
@@ -170,7 +176,8 @@ class MosquittoProvider:
     def _text_fields(self, action: Action, cmd: dict, pw: str | None = None) -> None:
         paths = self._paths(action)
         r = action.desired
-        if action.live is None or paths & {"spec.description", "metadata.labels", "metadata.managed"} or pw:
+        if action.live is None or paths & {"spec.description", "metadata.labels", "metadata.managed",
+                                           "metadata.scope"} or pw:
             cmd["textdescription"] = self._textdescription(action, pw)
         if "textName" in r.declared and (action.live is None or "spec.textName" in paths):
             cmd["textname"] = r.spec.get("textName") or ""
@@ -253,7 +260,7 @@ class MosquittoProvider:
             if action.verb not in ("create", "update"):
                 raise ApplyError(f"Topic {topic!r}: cannot {action.verb} a Topic")
             want = action.desired.spec["retained"]
-            props = marker.user_properties(dict(action.desired.labels))
+            props = marker.user_properties(dict(action.desired.labels), self._scope)
             payload = want["payload"].encode("utf-8")
             conn.publish(topic, payload, qos=want["qos"], retain=True, user_properties=props)
             if want["qos"] == 0:
