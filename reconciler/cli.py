@@ -67,12 +67,12 @@ def parser() -> argparse.ArgumentParser:
     _common(v, targets=False)
 
     pl = sub.add_parser("plan", help="show what apply would change (exit 0 in sync, 2 pending, 1 error)")
-    pl.add_argument("paths", nargs="+", metavar="PATH")
+    pl.add_argument("paths", nargs="*", metavar="PATH")
     _change_flags(pl)
     _common(pl)
 
     a = sub.add_parser("apply", help="make live state match the manifests")
-    a.add_argument("paths", nargs="+", metavar="PATH")
+    a.add_argument("paths", nargs="*", metavar="PATH")
     _change_flags(a)
     a.add_argument("--check", action="store_true", help="only plan (same output and exit codes as plan)")
     a.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     _common(a)
 
     w = sub.add_parser("watch", help="reconcile in a loop until SIGTERM/SIGINT")
-    w.add_argument("paths", nargs="+", metavar="PATH")
+    w.add_argument("paths", nargs="*", metavar="PATH")
     w.add_argument("--interval", type=_duration, default=60.0, help="time between rounds (default 60s)")
     _change_flags(w)
     w.add_argument("--allow-restart", action="store_true")
@@ -142,7 +142,15 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
+def _paths_or_inventory(args) -> None:
+    if args.inventory and args.paths:
+        raise ReconcilerError("give manifest paths or --inventory, not both (the inventory names each host's manifests)")
+    if not args.inventory and not args.paths:
+        raise ReconcilerError(f"{args.command} needs manifest paths (or --inventory FILE)")
+
+
 def cmd_plan_apply(args, apply: bool) -> int:
+    _paths_or_inventory(args)
     if args.inventory:
         from .inventory import run_inventory
         return run_inventory(args, apply=apply)
@@ -152,6 +160,7 @@ def cmd_plan_apply(args, apply: bool) -> int:
 
 
 def cmd_watch(args) -> int:
+    _paths_or_inventory(args)
     from .watch import watch
     return watch(args, _targets(args), _options(args), _output(args))
 
