@@ -51,11 +51,17 @@ def make_providers(kinds: set[str], targets: Targets) -> dict:
     return providers
 
 
-def read_all(providers: dict) -> Snapshot:
+def read_all(providers: dict, say=None) -> Snapshot:
+    """Every provider's bulk read merged into one snapshot; `say` reports what each read cost."""
+    import time
     snap = Snapshot()
     for p in _unique(providers):
         kinds = frozenset(k for k, q in providers.items() if q is p)
-        snap = snap.merged(p.read(kinds))
+        started = time.monotonic()
+        part = p.read(kinds)
+        if say:
+            say(f"read {p.target()}: {len(part.objects)} live objects in {time.monotonic() - started:.2f}s")
+        snap = snap.merged(part)
     return snap
 
 
@@ -89,8 +95,13 @@ def reconcile(paths: list[str], targets: Targets, options: Options, out: Output,
                 from .lock import TargetLock
                 for p in _unique(providers):
                     stack.enter_context(TargetLock(p.target(), lock_timeout))
-            snapshot = read_all(providers)
+            say = (lambda m: print(f"{out.host + ': ' if out.host else ''}{m}", file=sys.stderr)) if out.verbose else None
+            if say:
+                say(f"loaded {len(resources)} resources from {', '.join(paths)}")
+            snapshot = read_all(providers, say)
             plan = planner.plan(resources, snapshot, options)
+            if say:
+                say(f"planned: {len(plan.actions)} actions, {len(plan.unchanged)} in sync, {len(plan.orphans)} orphans")
             if not apply:
                 if text:
                     text.planned(plan)
