@@ -169,6 +169,8 @@ class Stoppable(Progress):
         self.inner, self.stop, self.exc = inner, stop, exc
 
     def begin(self, plan) -> None:
+        if self.stop.is_set():
+            raise self.exc("stopped by a signal before the apply began")
         self.inner.begin(plan)
 
     def wrap(self, on_result: Callable) -> Callable:
