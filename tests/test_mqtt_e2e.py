@@ -287,7 +287,8 @@ def test_a_publish_the_broker_denies_is_a_failure(mq):
     mq.broker = devbroker.start(mq.broker.dir, mq.broker.port)
     path = write(mq.tmp / "m" / "t.yaml", doc("Topic", "edge/ok", {"retained": {"payload": "fine"}}),
                  doc("Topic", "plant/denied", {"retained": {"payload": "nope"}}),
-                 doc("Topic", "plant/denied0", {"retained": {"payload": "nope", "qos": 0}}))
+                 doc("Topic", "plant/denied0", {"retained": {"payload": "nope", "qos": 0}}),
+                 doc("Topic", "plant/denied2", {"retained": {"payload": "nope", "qos": 2}}))
     r = mq.run("apply", str(path), "-o", "json")
     assert r.code == 1, r.out + r.err
     status = {c["name"]: c for c in r.json["changes"]}
@@ -295,8 +296,9 @@ def test_a_publish_the_broker_denies_is_a_failure(mq):
     assert status["plant/denied"]["status"] == "failed"
     assert "Not authorized" in status["plant/denied"]["error"] and "135" in status["plant/denied"]["error"]
     assert status["plant/denied0"]["status"] == "failed"
+    assert status["plant/denied2"]["status"] == "failed" and "Not authorized" in status["plant/denied2"]["error"]
     r = mq.run("apply", str(path))
-    assert r.code == 1 and "failed=2" in r.recap and "changed=0" in r.recap
+    assert r.code == 1 and "failed=3" in r.recap and "changed=0" in r.recap
 
 
 def test_dynsec_errors_name_the_object(mq):

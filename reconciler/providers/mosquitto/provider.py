@@ -263,12 +263,15 @@ class MosquittoProvider:
             props = marker.user_properties(dict(action.desired.labels), self._scope)
             payload = want["payload"].encode("utf-8")
             conn.publish(topic, payload, qos=want["qos"], retain=True, user_properties=props)
-            if want["qos"] == 0:
-                # A QoS 0 publish has no acknowledgement: read it back to know the broker kept it.
+            if want["qos"] != 1:
+                # QoS 0 has no acknowledgement, and paho ignores the reason code of a QoS 2 PUBREC:
+                # read the retained message back to know the broker kept this one.
                 got = conn.sweep(topic).get(topic)
-                if got is None or got.payload != payload or not marker.read_properties(list(got.user_properties))[0]:
-                    raise ApplyError(f"Topic {topic!r}: the broker did not keep the QoS 0 retained message "
-                                     f"(is user {conn.username!r} allowed to publish to it?)")
+                if got is None or got.payload != payload or got.qos != want["qos"] \
+                        or sorted(map(tuple, got.user_properties)) != sorted(map(tuple, props)):
+                    raise ApplyError(f"Topic {topic!r}: the broker did not keep the QoS {want['qos']} retained "
+                                     f"message (Not authorized? user {conn.username!r} needs publishClientSend "
+                                     "on this topic)")
             return f"retained message published (QoS {want['qos']})"
         except PublishRefused as e:
             raise ApplyError(f"Topic {topic!r}: the broker refused the publish ({e.reason}, reason code {e.code}); "
