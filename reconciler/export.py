@@ -27,6 +27,7 @@ Asking for an MQTT kind with --kind and no login is an error.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -85,7 +86,8 @@ def export(args, targets, stdout=None, stderr=None) -> int:
     finally:
         for p in _unique(providers):
             p.close()
-    docs, notes = build(snapshot, kinds, include_all=args.all)
+    scope = getattr(args, "scope", None) or os.environ.get("RECONCILER_SCOPE") or "default"
+    docs, notes = build(snapshot, kinds, include_all=args.all, scope=scope)
     for n in notes:
         if not args.quiet:
             print(f"note: {n}", file=stderr)
@@ -133,10 +135,20 @@ def render(docs: Iterable[Doc]) -> str:
 
 # --------------------------------------------------------------------------- building (pure)
 
-def build(snapshot: Snapshot, kinds: set[str], include_all: bool = False) -> tuple[list[Doc], list[str]]:
-    """The documents to print for `kinds` from a snapshot, and notes on what was left out."""
+def build(snapshot: Snapshot, kinds: set[str], include_all: bool = False,
+          scope: str = "default") -> tuple[list[Doc], list[str]]:
+    """The documents to print for `kinds` from a snapshot, and notes on what was left out.
+    "Managed" means marked by the reconciler in `scope` (what --prune in that scope treats as its own)."""
     objs = snapshot.objects
     notes: list[str] = []
+    other_scopes = [rid for rid, l in objs.items() if rid.kind in kinds and l.managed
+                    and (l.facts.get("scope") or "default") != scope]
+    if other_scopes and not include_all:
+        notes.append(f"{len(other_scopes)} object(s) managed in another scope left out "
+                     f"(set RECONCILER_SCOPE, or use --all to adopt them into scope {scope!r})")
+
+    def mine(live: Live) -> bool:
+        return include_all or (live.managed and (live.facts.get("scope") or "default") == scope)
     by_kind: dict[str, list[Live]] = {k: [] for k in KINDS}
     for rid, live in sorted(objs.items()):
         if rid.kind in by_kind:
@@ -151,7 +163,7 @@ def build(snapshot: Snapshot, kinds: set[str], include_all: bool = False) -> tup
     docs: list[Doc] = []
 
     # libvirt: VMs decide which storage is "theirs" when --all is not given.
-    vms = [v for v in by_kind["VirtualMachine"] if (include_all or v.managed) and nameable(v)]
+    vms = [v for v in by_kind["VirtualMachine"] if mine(v) and nameable(v)]
     disks_by_path = {l.facts.get("path"): l for l in by_kind["Disk"] if l.facts.get("path")}
     if include_all:
         disks = [d for d in by_kind["Disk"] if nameable(d)]
@@ -189,7 +201,7 @@ def build(snapshot: Snapshot, kinds: set[str], include_all: bool = False) -> tup
     for kind in ("MqttRole", "MqttGroup", "MqttClient", "Topic"):
         if kind in kinds:
             for live in by_kind[kind]:
-                if (include_all or live.managed) and nameable(live):
+                if mine(live) and nameable(live):
                     selected[live.id] = live
     pulled_in: dict[ResourceId, str] = {}
     changed = True
