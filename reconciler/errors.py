@@ -27,6 +27,8 @@ class ManifestError(ReconcilerError):
             what = f"{kind} {name!r}: "
         elif kind:
             what = f"{kind}: "
+        elif name:
+            what = f"{name!r}: "
         self.message = message
         super().__init__(f"{where}{what}{message}")
 

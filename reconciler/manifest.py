@@ -266,7 +266,13 @@ def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
     if errors:
         # The deepest error is the most specific one.
         err = max(errors, key=lambda e: len(list(e.absolute_path)))
-        raise ManifestError(_schema_message(err, kind), file=file, line=_line_of(node, tuple(err.absolute_path)),
+        where = tuple(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            # Point at the first unknown key itself, not at the mapping holding it.
+            extra = [k for k in err.instance if k not in err.schema.get("properties", {})]
+            if extra:
+                where += (extra[0],)
+        raise ManifestError(_schema_message(err, kind), file=file, line=_line_of(node, where),
                             kind=kind, name=kname)
     if kind in LIBVIRT_KINDS:
         unsafe = _xml_unsafe(data)
