@@ -35,6 +35,13 @@ def _noop(r: Resource, live: Live | None, reason: str) -> Action:
     return Action("noop", r.id, reason, desired=r, live=live)
 
 
+def _absent(r: Resource, live: Live | None, refused: str | None = None) -> list[Action]:
+    """`state: absent`: nothing to do when it is gone, else a delete (refused when something still needs it)."""
+    if live is None:
+        return [_noop(r, None, "absent as declared")]
+    return [Action("delete", r.id, "state: absent", desired=r, live=live, refused=refused)]
+
+
 def _labels_change(r: Resource, live: Live) -> list[FieldChange]:
     if dict(r.labels) != dict(live.labels):
         return [FieldChange("metadata.labels", dict(live.labels), dict(r.labels), "live")]
@@ -71,15 +78,11 @@ class StoragePoolRules:
     def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
         d = r.spec
         if d["state"] == "absent":
-            if live is None:
-                return [_noop(r, None, "absent as declared")]
-            volumes = live.facts.get("volumes", 0)
+            volumes = live.facts.get("volumes", 0) if live else 0
             declared_in = [x.id.name for x in ctx.desired.values()
                            if x.id.kind == "Disk" and x.spec["pool"] == r.id.name and x.spec["state"] == "present"]
-            if volumes or declared_in:
-                return [Action("delete", r.id, "state: absent", desired=r, live=live,
-                               refused=f"pool still holds {volumes} volume(s); delete its disks first")]
-            return [Action("delete", r.id, "state: absent", desired=r, live=live)]
+            blocked = f"pool still holds {volumes} volume(s); delete its disks first" if volumes or declared_in else None
+            return _absent(r, live, blocked)
         if live is None:
             return [Action("create", r.id, "pool does not exist", desired=r,
                            changes=(FieldChange("spec.path", None, d["path"], "config"),))]
@@ -191,13 +194,8 @@ class DiskRules:
     def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
         d = r.spec
         if d["state"] == "absent":
-            if live is None:
-                return [_noop(r, None, "absent as declared")]
-            users = DiskRules.users(ctx, r.id.name)
-            if users:
-                return [Action("delete", r.id, "state: absent", desired=r, live=live,
-                               refused=f"still used by VirtualMachine {', '.join(users)}")]
-            return [Action("delete", r.id, "state: absent", desired=r, live=live)]
+            users = DiskRules.users(ctx, r.id.name) if live else []
+            return _absent(r, live, f"still used by VirtualMachine {', '.join(users)}" if users else None)
         if live is None:
             if pool_path(ctx, d["pool"]) is None:
                 return [Action("create", r.id, "disk does not exist", desired=r,
@@ -431,9 +429,7 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
     d = r.spec
     needs = tuple(ResourceId("Disk", x["disk"]) for x in d["disks"] if "disk" in x)
     if d["state"] == "absent":
-        if live is None:
-            return [_noop(r, None, "absent as declared")]
-        return [Action("delete", r.id, "state: absent", desired=r, live=live)]
+        return _absent(r, live)
     if live is None:
         return [Action("create", r.id, "domain does not exist", desired=r, needs=needs,
                        changes=(FieldChange("spec.state", None, d["state"], "live"),))]
