@@ -242,3 +242,50 @@ def test_hidden_files_and_non_yaml_files_are_not_read(tmp_path):
     write(d / "ok.yaml", doc("VirtualMachine", "vm1", {"memory": "64MiB", "vcpus": 1}))
     run = cli("validate", str(d))
     assert run.code == 0 and "VirtualMachine=1" in run.out, run.err
+
+
+# --------------------------------------------------------------------------- hostile text in XML
+
+HOSTILE = [
+    "</description><devices><disk type='file'><source file='/etc/shadow'/></disk></devices><description>",
+    "]]><![CDATA[x]]>",
+    "a < b && c > d; \"double\" 'single' &amp; &lt; &#x41; &unknown;",
+    "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY e SYSTEM 'file:///etc/passwd'>]>&e;",
+    "unicode: Grüße, 日本語, emoji 🚀, right-to-left \u202e, zero-width \u200b, tab\tand\nnewline",
+    "  leading and trailing spaces  ",
+]
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("i", range(len(HOSTILE)))
+def test_hostile_text_in_description_and_labels_round_trips(i, prefix, tmp_path, qemu_uri):
+    """Descriptions and label values are XML text built with ElementTree: whatever they hold comes back
+    as the same text from libvirt, creates no element, and plan reports no change afterwards."""
+    text = HOSTILE[i]
+    name = f"{prefix}vm"
+    vm = doc("VirtualMachine", name, {"hypervisor": "qemu", "memory": "64MiB", "vcpus": 1, "state": "shutoff",
+                                      "description": text},
+             labels={"note": text, "amp": "&", "lt": "<x>"})
+    m = write(tmp_path / "m" / "vm.yaml", vm)
+    run = cli("apply", str(m), "--libvirt-uri", qemu_uri)
+    assert run.code == 0, run.out + run.err
+    from test_adversarial_support import domains
+    import xml.etree.ElementTree as ET
+    xml = domains(qemu_uri, name)[name]["xml"]
+    root = ET.fromstring(xml)
+    assert root.findtext("description") == text
+    assert root.find("devices/disk") is None, "text became an element"
+    labels = {l.get("key"): l.text or "" for l in root.iter("{https://reconciler.dev/xmlns/domain/v1}label")}
+    assert labels == {"note": text, "amp": "&", "lt": "<x>"}
+    assert "/etc/passwd" not in (root.findtext("description") or "").replace(text, "")
+    plan = cli("plan", str(m), "--libvirt-uri", qemu_uri, "-o", "json")
+    assert plan.code == 0 and plan.json["changes"] == [], plan.out + plan.err
+    # And after an update with the hostile text changed in place (setMetadata path, not define).
+    vm["spec"]["description"] = text[::-1]
+    vm["metadata"]["labels"]["note"] = text + "!"
+    write(m, vm)
+    run = cli("apply", str(m), "--libvirt-uri", qemu_uri)
+    assert run.code == 0 and "changed=1" in run.recap, run.out + run.err
+    root = ET.fromstring(domains(qemu_uri, name)[name]["xml"])
+    assert root.findtext("description") == text[::-1]
+    assert cli("plan", str(m), "--libvirt-uri", qemu_uri).code == 0
