@@ -406,7 +406,7 @@ def test_mqtts_with_cafile(tmp_path):
         m.apply_twice(path, "--mqtt-url", url, "--mqtt-cafile", str(certs / "ca.crt"))
         # Without the CA the server's certificate is not trusted: one clear error, no traceback.
         r = m.run("plan", str(path), "--mqtt-url", url)
-        assert r.code == 1 and "TLS" in r.err and "Traceback" not in r.err
+        assert r.code == 1 and "TLS" in r.err and "Traceback" not in r.err, r.err
         m.assert_no_secret_leaked()
     finally:
         b.stop()
