@@ -40,6 +40,8 @@ def _dynsec_refs(refs: list[dict], key: str) -> list[dict]:
 def _live(kind: str, name: str, obj: dict, spec: dict) -> Live:
     description, mark = marker.decode(obj.get("textdescription"))
     spec = {"description": description, "textName": obj.get("textname") or None, **spec}
+    # Manifest shape: a field the object does not have is absent, not null (export prints this).
+    spec = {k: v for k, v in spec.items() if v is not None}
     labels = {str(k): str(v) for k, v in (mark or {}).get("labels", {}).items()} if mark else {}
     facts: dict[str, Any] = {}
     if mark and isinstance(mark.get("pw"), str):
