@@ -410,3 +410,18 @@ def test_mqtts_with_cafile(tmp_path):
         m.assert_no_secret_leaked()
     finally:
         b.stop()
+
+
+def test_prune_keeps_to_its_own_scope(mq):
+    a = write(mq.tmp / "a" / "a.yaml", doc("MqttRole", "role-a", {}), doc("Topic", "scope/a", {"retained": {"payload": "a"}}))
+    b = write(mq.tmp / "b" / "b.yaml", doc("MqttRole", "role-b", {}))
+    mq.apply_twice(a, "--scope", "team-a")
+    mq.apply_twice(b, "--scope", "team-b", "--prune")
+    js = mq.run("plan", str(b), "--scope", "team-b", "--prune", "-o", "json").json
+    assert js["changes"] == []
+    roles = {r["rolename"]: r.get("textdescription", "") for r in mq.dynsec_file()["roles"]}
+    assert '"scope":"team-a"' in roles["role-a"] and '"scope":"team-b"' in roles["role-b"]
+    # Declaring team-a's role from team-b moves it into team-b's scope.
+    write(b, doc("MqttRole", "role-b", {}), doc("MqttRole", "role-a", {}))
+    plan = mq.run("plan", str(b), "--scope", "team-b", "-o", "json")
+    assert [(c["name"], c["fields"]) for c in plan.json["changes"]] == [("role-a", ["metadata.scope"])]
