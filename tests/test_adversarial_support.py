@@ -186,6 +186,12 @@ def defineXML(self, xml):
     time.sleep(delay / 2)   # a kill here leaves a defined domain that was never started
     return dom
 libvirt.virConnect.defineXML = defineXML
+from reconciler.providers.mosquitto import provider as mp
+orig_mqtt = mp.MosquittoProvider.apply
+def mqtt_apply(self, action, options=None):
+    time.sleep(delay)
+    return orig_mqtt(self, action, options)
+mp.MosquittoProvider.apply = mqtt_apply
 from reconciler.cli import main
 sys.exit(main(sys.argv[2:]))
 """
