@@ -102,54 +102,64 @@ class LibvirtProvider:
         pools: dict[str, str] = {}
         self.volumes = {}
         path_to_disk: dict[str, str] = {}
-        for pool in conn.listAllStoragePools(0):
-            info = domxml.parse_pool(pool.XMLDesc(0))
-            active = bool(pool.isActive())
-            vols = pool.listAllVolumes(0) if active else []
-            pools[info["name"]] = info["path"]
-            objects[ResourceId("StoragePool", info["name"])] = Live(
-                ResourceId("StoragePool", info["name"]),
-                {"type": info["type"], "path": (info["path"] or "").rstrip("/") or "/",
-                 "autostart": bool(pool.autostart()), "state": "present"},
-                facts={"active": active, "volumes": len(vols)})
-            for vol in vols:
-                v = domxml.parse_volume(vol.XMLDesc(0))
-                v["pool"] = info["name"]
-                rid = ResourceId("Disk", v["name"])
-                if rid in objects:
-                    continue  # the same volume name in two pools: the first pool (by listing) wins
-                self.volumes[v["name"]] = v
-                path_to_disk[v["path"]] = v["name"]
-                objects[rid] = Live(rid, {"pool": info["name"], "capacity": v["capacity"], "format": v["format"],
-                                          "backingStore": v["backingStore"], "state": "present"},
-                                    facts={"path": v["path"]})
+        flags = (0, libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING, libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED,
+                 libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
 
-        domains = conn.listAllDomains(0)
-        running = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING)}
-        paused = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED)}
-        autostart = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)}
+        def pool_head(pool: libvirt.virStoragePool) -> tuple:
+            active = bool(pool.isActive())
+            return (domxml.parse_pool(pool.XMLDesc(0)), active, pool.listAllVolumes(0) if active else [],
+                    bool(pool.autostart()))
+
+        def volume(vol: libvirt.virStorageVol) -> dict:
+            return domxml.parse_volume(vol.XMLDesc(0))
 
         def describe(dom: libvirt.virDomain) -> tuple:
+            # Each XML document is fetched and parsed once, in the worker, while other workers wait on RPCs.
             name = dom.name()
-            active = name in running or name in paused
-            cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            live_xml = dom.XMLDesc(0) if active else None
-            return name, cfg, live_xml
+            parsed = domxml.parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            live_spec = domxml.parse_domain(dom.XMLDesc(0))["spec"] if name in active_names else None
+            return name, parsed, live_spec
 
-        if len(domains) > 8:
-            with ThreadPoolExecutor(READ_THREADS) as ex:
-                described = list(ex.map(describe, domains))
-        else:
-            described = [describe(d) for d in domains]
+        # One bulk list per kind, then every per-object XMLDesc on a small pool of threads sharing the
+        # one connection (libvirt-python releases the GIL during RPCs): pools, volumes and domains overlap.
+        with ThreadPoolExecutor(READ_THREADS) as ex:
+            lists = [ex.submit(conn.listAllDomains, f) for f in flags]
+            heads = list(ex.map(pool_head, conn.listAllStoragePools(0)))
+            vol_jobs = [[ex.submit(volume, v) for v in vols] for _, _, vols, _ in heads]
+            domains, running, paused, autostart = (f.result() for f in lists)
+            running = {d.name() for d in running}
+            paused = {d.name() for d in paused}
+            autostart = {d.name() for d in autostart}
+            active_names = running | paused
+            dom_jobs = [ex.submit(describe, d) for d in domains]
+
+            for (info, active, vols, pool_autostart), jobs in zip(heads, vol_jobs):
+                pools[info["name"]] = info["path"]
+                objects[ResourceId("StoragePool", info["name"])] = Live(
+                    ResourceId("StoragePool", info["name"]),
+                    {"type": info["type"], "path": (info["path"] or "").rstrip("/") or "/",
+                     "autostart": pool_autostart, "state": "present"},
+                    facts={"active": active, "volumes": len(vols)})
+                for job in jobs:
+                    v = job.result()
+                    v["pool"] = info["name"]
+                    rid = ResourceId("Disk", v["name"])
+                    if rid in objects:
+                        continue  # the same volume name in two pools: the first pool (by listing) wins
+                    self.volumes[v["name"]] = v
+                    path_to_disk[v["path"]] = v["name"]
+                    objects[rid] = Live(rid, {"pool": info["name"], "capacity": v["capacity"], "format": v["format"],
+                                              "backingStore": v["backingStore"], "state": "present"},
+                                        facts={"path": v["path"]})
+            described = [j.result() for j in dom_jobs]
 
         self.domain_users = {}
-        for name, cfg, live_xml in described:
-            parsed = domxml.parse_domain(cfg)
+        for name, parsed, live_spec in described:
             state = "running" if name in running else "paused" if name in paused else "shutoff"
             facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"],
                                      "scope": parsed["scope"]}
-            if live_xml is not None:
-                facts["running_spec"] = domxml.parse_domain(live_xml)["spec"]
+            if live_spec is not None:
+                facts["running_spec"] = live_spec
             for d in parsed["spec"]["disks"]:
                 if d["path"]:
                     self.domain_users.setdefault(d["path"], []).append((name, d["target"], state))
