@@ -86,13 +86,7 @@ class PrivateLibvirtd:
             except Exception:
                 pass
             self.conn = None
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        self.kill()  # its test hypervisor keeps nothing worth a graceful stop
 
 
 def new_private_libvirtd() -> PrivateLibvirtd:
