@@ -114,3 +114,30 @@ def test_inventory_errors_are_one_sentence(tmp_path):
     (tmp_path / "site" / "x").mkdir(exist_ok=True)
     r = cli("plan", "--inventory", unset)
     assert r.code == 1 and "e: error: host 'e': mqttPassword: environment variable NOPE_UNSET_PW is not set" in r.err
+
+
+def test_watch_over_an_inventory_backs_off_the_down_host_only(tmp_path, prefix, test_unix_uri):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT
+    write(tmp_path / "site" / "hosts" / "a" / "vm.yaml",
+          doc("VirtualMachine", f"{prefix}a", {"hypervisor": "test", "memory": "64MiB", "vcpus": 1}))
+    inv = inventory(tmp_path, [
+        {"name": "edge-a", "libvirtUri": test_unix_uri, "manifests": ["hosts/a"]},
+        {"name": "edge-down", "libvirtUri": f"qemu+unix:///system?socket={tmp_path}/none", "manifests": ["hosts/a"]},
+    ])
+    import os
+    env = {**os.environ, "RECONCILER_LOCK_DIR": str(tmp_path / "locks"), "RECONCILER_SCOPE": "tests"}
+    p = subprocess.Popen([sys.executable, "-m", "reconciler", "watch", "--inventory", inv, "--interval", "0.3s"],
+                         cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 0 and time.monotonic() - t < 1.5
+    assert "edge-down: target down (1 in a row); retrying in 0.3s" in err
+    assert "edge-down: target down (2 in a row); retrying in 0.6s" in err
+    assert "edge-down: skipped: target down" in out          # skipped while backing off
+    assert out.count("edge-a : ok=1 changed=0") >= 2          # the healthy host keeps its interval
