@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, cli, doc, write
+from mqtt_fixtures import mq  # noqa: F401  (a fixture)
 from test_adversarial_support import live_state
 from reconciler import manifest
 
@@ -289,3 +290,29 @@ def test_hostile_text_in_description_and_labels_round_trips(i, prefix, tmp_path,
     root = ET.fromstring(domains(qemu_uri, name)[name]["xml"])
     assert root.findtext("description") == text[::-1]
     assert cli("plan", str(m), "--libvirt-uri", qemu_uri).code == 0
+
+
+# --------------------------------------------------------------------------- bad MQTT input against a real broker
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize("case", ["topic-nul", "topic-retained-with-wildcard", "acl-misplaced-wildcard",
+                                  "secret-literal", "secret-missing-env"])
+def test_bad_mqtt_manifest_changes_nothing_on_the_broker(case, prefix, mq, tmp_path):
+    """Next to a valid role and client, a bad MQTT document stops the whole run: the broker's dynamic
+    security lists are the same before and after (nothing was sent to it)."""
+    text, expect, secrets, line = load_case(case, prefix)
+    d = tmp_path / "m"
+    pw = tmp_path / "pw"
+    pw.write_text(mq.secret("good-client-pw-7") + "\n")
+    write(d / "a-good.yaml",
+          doc("MqttRole", f"{prefix}okrole", {"acls": [{"type": "publishClientSend", "topic": f"{prefix}/ok"}]}),
+          doc("MqttClient", f"{prefix}okclient", {"password": {"fromFile": str(pw)}, "roles": [{"name": f"{prefix}okrole"}]}),
+          doc("Topic", f"{prefix}/ok", {"retained": {"payload": "must not be published"}}))
+    bad = d / "case.yaml"
+    bad.write_text(text)
+    mq.secrets += secrets
+    before = [mq.ctrl(c) for c in ("listRoles", "listClients", "listGroups")]
+    run = mq.run("apply", str(d))
+    assert_one_clear_error(run, bad, line, expect, secrets)
+    assert [mq.ctrl(c) for c in ("listRoles", "listClients", "listGroups")] == before
+    assert f"{prefix}okrole" not in before[0]
