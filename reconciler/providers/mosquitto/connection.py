@@ -104,6 +104,9 @@ class Connection:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         c.on_unsubscribe = self._on_subscribe
+        # Every write goes through our network thread: without this paho writes a packet from the
+        # calling thread while ours reads, and an SSL socket does not survive that (mqtts://).
+        c.on_socket_register_write = lambda client, userdata, sock: None
         props = Properties(PacketTypes.CONNECT)
         props.ReceiveMaximum = 65535
         props.SessionExpiryInterval = 0
