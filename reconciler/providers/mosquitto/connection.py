@@ -82,6 +82,7 @@ class Connection:
         self._sentinel_seen = False
         self._seq = 0
         self._stop = threading.Event()
+        self._closing = False
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
 
@@ -145,14 +146,18 @@ class Connection:
                               "the login needs dynamic-security admin rights")
 
     def close(self) -> None:
-        self._stop.set()
         c = self._client
+        self._closing = True
         if c is not None:
             try:
-                c.disconnect()
+                c.disconnect()      # written by the network thread, which then ends its loop
             except Exception:
                 pass
-        if self._thread is not None and self._thread is not threading.current_thread():
+        mine = self._thread is not None and self._thread is not threading.current_thread()
+        if mine:
+            self._thread.join(timeout=2)
+        self._stop.set()
+        if mine:
             self._thread.join(timeout=5)
         if c is not None:
             try:
@@ -168,7 +173,7 @@ class Connection:
         while not self._stop.is_set():
             rc = c.loop(timeout=0.2)
             if rc != mqtt.MQTT_ERR_SUCCESS:
-                if not self._stop.is_set():
+                if not self._stop.is_set() and not self._closing:
                     with self._cond:
                         self._lost = self._lost or f"connection lost ({mqtt.error_string(rc)})"
                         self._cond.notify_all()
@@ -183,7 +188,7 @@ class Connection:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         with self._cond:
-            if not self._stop.is_set():
+            if not self._stop.is_set() and not self._closing:
                 self._lost = self._lost or f"the broker closed the connection ({reason_code})"
             self._cond.notify_all()
 
