@@ -285,3 +285,26 @@ def test_kill_9_during_a_50_vm_apply_then_rerun_converges(kill_after, prefix, tm
         assert len({d["uuid"] for d in live.values()}) == 50
     finally:
         daemon.stop()
+
+
+def test_kill_9_between_define_and_start_leaves_a_marked_domain_that_is_adopted(private_libvirtd, prefix, tmp_path):
+    """The killed run defined a domain (with its marker: it is part of the definition) but never started
+    it. The rerun adopts that very domain (same UUID) and starts it; nothing is defined twice."""
+    uri = private_libvirtd.uri
+    names = [f"{prefix}vm{i}" for i in range(3)]
+    m = write(tmp_path / "m" / "vms.yaml", *[vm(n) for n in names])
+    p = slow_cli("apply", str(m), "--libvirt-uri", uri, delay=0.0, define_delay=5.0)
+    deadline = time.monotonic() + 30
+    half = {}
+    while time.monotonic() < deadline and not half:
+        half = domains(uri, prefix)
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=30)
+    assert list(half) == [names[0]] and not half[names[0]]["active"] and half[names[0]]["managed"], half
+    again = cli("apply", str(m), "--libvirt-uri", uri)
+    assert again.code == 0, again.out + again.err
+    assert f"changed: [VirtualMachine/{names[0]}] update" in again.out, again.out
+    live = domains(uri, prefix)
+    assert live[names[0]]["uuid"] == half[names[0]]["uuid"] and all(d["active"] for d in live.values())
+    assert cli("apply", str(m), "--libvirt-uri", uri).recap.startswith("ok=3 changed=0")

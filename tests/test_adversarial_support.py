@@ -168,7 +168,7 @@ _SLOW = r"""
 import sys, time
 import libvirt
 from reconciler.providers.libvirt import provider as p
-delay = float(sys.argv[1])
+delay, define_delay = map(float, sys.argv[1].split(","))
 orig_apply = p.LibvirtProvider.apply
 def apply(self, action, options):
     time.sleep(delay / 2)
@@ -177,7 +177,7 @@ p.LibvirtProvider.apply = apply
 orig_define = libvirt.virConnect.defineXML
 def defineXML(self, xml):
     dom = orig_define(self, xml)
-    time.sleep(delay / 2)   # a kill here leaves a defined domain that was never started
+    time.sleep(define_delay)   # a kill here leaves a defined domain that was never started
     return dom
 libvirt.virConnect.defineXML = defineXML
 from reconciler.providers.mosquitto import provider as mp
@@ -191,14 +191,17 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def slow_cli(*args: str, delay: float = 0.04, env: dict | None = None) -> subprocess.Popen:
-    """The real CLI with `delay` seconds spent around each libvirt side effect; stdout is a pipe
-    read line by line by the caller."""
+def slow_cli(*args: str, delay: float = 0.04, define_delay: float | None = None,
+             env: dict | None = None) -> subprocess.Popen:
+    """The real CLI with `delay` seconds spent around each side effect (by default half before the
+    action, half right after a domain is defined); stdout is a pipe read line by line by the caller."""
+    if define_delay is None:
+        define_delay = delay / 2
     e = dict(os.environ)
     e.setdefault("RECONCILER_SHUTDOWN_TIMEOUT", "1s")
     e.setdefault("RECONCILER_SCOPE", "tests")
     e.update(env or {})
-    return subprocess.Popen([sys.executable, "-c", _SLOW, str(delay), *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", _SLOW, f"{delay},{define_delay}", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=e, cwd=str(ROOT), bufsize=1)
 
 
