@@ -295,7 +295,12 @@ class Connection:
             except PublishRefused as e:
                 raise TargetError(f"broker {self.url} refused {what} ({e.reason}): "
                                   f"user {self.username!r} is not a dynamic-security admin") from None
-            self._wait(lambda: True if all(self._responses.get(c) is not None for c in cids) else None, what)
+            try:
+                self._wait(lambda: True if all(self._responses.get(c) is not None for c in cids) else None, what)
+            except TargetError as e:
+                if self._lost:
+                    raise
+                raise TargetError(f"{e} (is the dynamic-security plugin loaded?)") from None
             return [self._responses[c] for c in cids]
         finally:
             with self._cond:
