@@ -236,7 +236,8 @@ def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None) 
     _init_demo_secrets(d)
     (d / "data").mkdir(mode=0o700, exist_ok=True)
     if _accepts(port):
-        raise DevBrokerError(f"127.0.0.1:{port} is already in use by another process")
+        raise DevBrokerError(f"127.0.0.1:{port} is already in use by another process (the distribution's "
+                             "mosquitto service? `systemctl disable --now mosquitto`, or choose another --port)")
     conf = d / "mosquitto.conf"
     _write_private(conf, _config(d, port, tls))
     log = open(d / "mosquitto.log", "ab")
