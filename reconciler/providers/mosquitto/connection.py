@@ -75,6 +75,7 @@ class Connection:
         self._lost: str | None = None
         self._responses: dict[str, dict] = {}
         self._acks: dict[int, tuple] = {}
+        self._awaited: set[int] = set()
         self._subacks: dict[int, list] = {}
         self._sweep: dict[str, RetainedMessage] | None = None
         self._sweep_filter: str | None = None
@@ -194,6 +195,8 @@ class Connection:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         with self._cond:
+            if mid not in self._awaited:
+                return
             self._acks[mid] = (int(reason_code.value) if reason_code is not None else 0, str(reason_code))
             self._cond.notify_all()
 
@@ -265,12 +268,22 @@ class Connection:
         if user_properties:
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = list(user_properties)
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        # Under the lock, so the acknowledgement cannot be handled before we wait for it; QoS 0
+        # publishes are not waited for, and their (local) acknowledgements are ignored.
+        with self._cond:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            if qos:
+                self._awaited.add(info.mid)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise TargetError(f"broker {self.url}: cannot publish to {topic!r} ({mqtt.error_string(info.rc)})")
         if qos == 0:
             return 0
-        code, reason = self._wait(lambda: self._acks.pop(info.mid, None), f"the publish to {topic!r}")
+        try:
+            code, reason = self._wait(lambda: self._acks.pop(info.mid, None), f"the publish to {topic!r}")
+        finally:
+            with self._cond:
+                self._awaited.discard(info.mid)
+                self._acks.pop(info.mid, None)
         if code >= 128:
             raise PublishRefused(reason, code)
         return code
