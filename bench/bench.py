@@ -413,7 +413,7 @@ class Bench:
         self.results["peer"] = {
             "vms": n, "versions": self.peer_versions(), "uri": URI,
             "ansible_create_s": first.seconds, "ansible_rerun_s": rerun.seconds,
-            "ansible_rerun_recap": recap[-1].strip() if recap else "", "ansible_running_after": running,
+            "ansible_rerun_recap": " ".join(recap[-1].split(":", 1)[-1].split()[:3]) if recap else "", "ansible_running_after": running,
             "ansible_rss_mib": max(first.rss_mib, rerun.rss_mib),
             "reconciler_create_s": r1.seconds, "reconciler_rerun_s": r2.seconds,
             "reconciler_rerun_recap": next((l for l in r2.out.splitlines() if l.startswith("ok=")), "")}
@@ -436,7 +436,7 @@ class Bench:
             say(f"NO-OP PLAN vs API FLOOR ({self.args.reps} repetitions each, alternating)")
             cols = [f"N={r['n']}" for r in rows]
             def line(label, vals, fmt):
-                say(f"  {label:<38}" + "".join(f"{fmt(v):>14}" for v in vals))
+                say(f"  {label:<38}" + "".join(f"{fmt(v):>16}" for v in vals))
             line("", cols, str)
             line("VMs / disks", [f"{r['vms']}/{r['disks']}" for r in rows], str)
             if "topics" in rows[0]:
