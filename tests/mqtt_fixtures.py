@@ -4,7 +4,6 @@ clients that prove what the broker enforces, and mosquitto_ctrl / mosquitto_pub 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -13,8 +12,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from helpers import Run, cli, doc, write
 from reconciler import devbroker

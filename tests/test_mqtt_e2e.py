@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import doc, write
-from mqtt_fixtures import Client, login, mq, start_broker, write_edge  # noqa: F401  (mq is a fixture)
+from mqtt_fixtures import login, mq, start_broker, write_edge  # noqa: F401  (mq is a fixture)
 
 pytestmark = pytest.mark.mqtt
 
@@ -303,7 +303,7 @@ def test_a_publish_the_broker_denies_is_a_failure(mq):
 
 def test_dynsec_errors_name_the_object(mq):
     from reconciler.errors import ApplyError
-    from reconciler.model import Action, FieldChange, Live, Resource, ResourceId
+    from reconciler.model import Action, FieldChange, Resource, ResourceId
     from reconciler.providers.mosquitto import MosquittoProvider
     mq.ctrl("createClient", "c1")
     p = MosquittoProvider(mq.url, "admin", mq.broker.password)

@@ -9,7 +9,6 @@ every waiting call with TargetError instead of silently resuming without its sub
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import threading
