@@ -224,9 +224,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None) -> Broker:
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None,
+          die_with_parent: bool = False) -> Broker:
     """Start (or find running) the broker of `dir` on 127.0.0.1:`port`. `tls` ({port, certfile, keyfile})
-    adds a TLS listener on 127.0.0.1 (the tests' mqtts:// broker)."""
+    adds a TLS listener on 127.0.0.1 (the tests' mqtts:// broker). `die_with_parent` (the test fixtures)
+    stops the broker when the calling process dies without stopping it (a killed pytest)."""
     d = Path(dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     pid = _pid(d)
@@ -243,7 +254,8 @@ def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None) 
     log = open(d / "mosquitto.log", "ab")
     try:
         proc = subprocess.Popen([_find_binary("mosquitto"), "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True, close_fds=True)
+                                stdout=log, stderr=log, start_new_session=True, close_fds=True,
+                                preexec_fn=_die_with_parent if die_with_parent else None)
     finally:
         log.close()
     (d / "mosquitto.pid").write_text(f"{proc.pid}\n")

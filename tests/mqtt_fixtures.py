@@ -21,7 +21,7 @@ def start_broker(d: Path, **kw) -> devbroker.Broker:
     last = None
     for _ in range(5):           # a free port can be taken between the probe and the bind
         try:
-            return devbroker.start(d, devbroker.free_port(), **kw)
+            return devbroker.start(d, devbroker.free_port(), die_with_parent=True, **kw)
         except devbroker.DevBrokerError as e:
             last = e
             devbroker.stop(d)

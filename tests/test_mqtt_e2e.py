@@ -284,7 +284,7 @@ def test_a_publish_the_broker_denies_is_a_failure(mq):
     admin["acls"].append({"acltype": "publishClientSend", "topic": "edge/#", "allow": True})
     f.write_text(json.dumps(data))
     from reconciler import devbroker
-    mq.broker = devbroker.start(mq.broker.dir, mq.broker.port)
+    mq.broker = devbroker.start(mq.broker.dir, mq.broker.port, die_with_parent=True)
     path = write(mq.tmp / "m" / "t.yaml", doc("Topic", "edge/ok", {"retained": {"payload": "fine"}}),
                  doc("Topic", "plant/denied", {"retained": {"payload": "nope"}}),
                  doc("Topic", "plant/denied0", {"retained": {"payload": "nope", "qos": 0}}),
