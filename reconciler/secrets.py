@@ -17,7 +17,11 @@ import secrets as _random
 from .errors import ManifestError
 
 FINGERPRINT_SCHEME = "pbkdf2-sha256"
-FINGERPRINT_ITERATIONS = 60_000
+# Every no-op plan verifies each client's fingerprint: at 60,000 rounds 200 clients cost 3.9 s.
+# 1,000 rounds is ten times what Mosquitto itself uses for the password hash it stores right
+# beside this fingerprint (101), so it weakens nothing; the count is part of each fingerprint,
+# so older ones still verify.
+FINGERPRINT_ITERATIONS = 1_000
 SALT_BYTES = 16
 MAX_SECRET_BYTES = 64 * 1024
 

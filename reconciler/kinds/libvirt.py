@@ -29,6 +29,7 @@ class PlanContext:
         self.objects = objects        # ResourceId -> Live
         self.context = context        # provider facts: pools on the host, machine aliases, ...
         self.options = options
+        self.memo: dict = {}          # indexes a kind builds once per plan (Topic ACLs by role)
 
 
 def _noop(r: Resource, live: Live | None, reason: str) -> Action:

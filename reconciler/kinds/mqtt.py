@@ -178,18 +178,22 @@ def _missing_needs(ctx: PlanContext, ids: Iterable[ResourceId]) -> tuple:
 # --------------------------------------------------------------------------- MqttRole
 
 def topic_acls(ctx: PlanContext, role: str) -> list[dict]:
-    """The ACLs the declared (present) Topics give `role`."""
-    out = []
-    for rid, t in sorted(ctx.desired.items()):
-        if rid.kind != "Topic" or t.spec.get("state", "present") != "present":
-            continue
-        topic = rid.name
-        if role in t.spec.get("publishers", ()):
-            out.append({"type": "publishClientSend", "topic": topic, "allow": True, "priority": 0})
-        if role in t.spec.get("subscribers", ()):
+    """The ACLs the declared (present) Topics give `role`, from one index built per plan:
+    scanning every Topic for every role was quadratic (2.4 s at 200 roles and 1,000 Topics)."""
+    index = ctx.memo.get("topic_acls")
+    if index is None:
+        index = {}
+        for rid, t in sorted(ctx.desired.items()):
+            if rid.kind != "Topic" or t.spec.get("state", "present") != "present":
+                continue
+            topic = rid.name
+            for r in t.spec.get("publishers", ()):
+                index.setdefault(r, []).append({"type": "publishClientSend", "topic": topic, "allow": True, "priority": 0})
             kind = "subscribePattern" if has_wildcards(topic) else "subscribeLiteral"
-            out.append({"type": kind, "topic": topic, "allow": True, "priority": 0})
-    return out
+            for r in t.spec.get("subscribers", ()):
+                index.setdefault(r, []).append({"type": kind, "topic": topic, "allow": True, "priority": 0})
+        ctx.memo["topic_acls"] = index
+    return list(index.get(role, ()))
 
 
 def effective_acls(r: Resource, ctx: PlanContext) -> list[dict] | None:

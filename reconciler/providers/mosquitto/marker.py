@@ -4,7 +4,7 @@
 textdescription = the user's description, a newline, and one marker line:
 
     sensor firmware
-    reconciler:v1 {"labels":{"site":"plant-3"},"pw":"pbkdf2-sha256$60000$...$...","scope":"edge"}
+    reconciler:v1 {"labels":{"site":"plant-3"},"pw":"pbkdf2-sha256$1000$...$...","scope":"edge"}
 
 The description round-trips unchanged (everything before the last line); a text without the marker
 line is an unmarked object and all of it is the description. `pw` (clients only) is the salted
