@@ -43,10 +43,12 @@ class TextReport:
         self.counts[status] += 1
         if self.quiet and status == "ok":
             return
-        print(f"{self.prefix}{status}: [{a.id}] {text}", file=self.out, flush=True)
+        # "ok" lines ride along with the next flush: thousands of them, each flushed, cost more than the plan.
+        print(f"{self.prefix}{status}: [{a.id}] {text}", file=self.out, flush=status != "ok")
         if self.diff and status != "ok" and a.changes:
             for line in diff_lines(a):
-                print(self.prefix + line, file=self.out, flush=True)
+                print(self.prefix + line, file=self.out)
+            self.out.flush()
 
     def planned(self, plan: Plan) -> None:
         for a in plan.steps:

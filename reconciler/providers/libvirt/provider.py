@@ -17,6 +17,7 @@ from . import domxml
 LIVE_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
 # A live detach needs the guest's cooperation; past this wait the detach is left for the restart.
 DETACH_WAIT = 3.0
+CONNECT_TIMEOUT = 20.0
 # Threads for independent XMLDesc calls; libvirt-python releases the GIL during RPCs.
 READ_THREADS = 4
 
@@ -45,6 +46,8 @@ def _live_and_config(call, *args) -> None:
 
 class LibvirtProvider:
     kinds = ("StoragePool", "Disk", "VirtualMachine")
+    # One connection serves concurrent calls; the applier may run independent actions together.
+    parallel = True
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -72,9 +75,10 @@ class LibvirtProvider:
 
             t = threading.Thread(target=connect, daemon=True)
             t.start()
-            t.join(30)
+            # 20 s, so that with start-up and the message the whole run fails inside the promised 30 s.
+            t.join(CONNECT_TIMEOUT)
             if t.is_alive():
-                raise TargetError(f"libvirt at {self.uri} did not answer within 30s")
+                raise TargetError(f"libvirt at {self.uri} did not answer within {CONNECT_TIMEOUT:g}s")
             if "error" in result:
                 raise TargetError(f"cannot connect to libvirt at {self.uri}: {result['error']}")
             self._conn = result["conn"]
@@ -314,17 +318,24 @@ class LibvirtProvider:
 
     def _create_VirtualMachine(self, a: Action, o: Options) -> str:
         spec = a.desired.spec
-        dom = self._lookup(a.id.name)
-        if dom is None:
-            xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), scope=o.scope)
+        xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), scope=o.scope)
+        try:
             dom = self.conn.defineXML(xml)
-        else:
+            fresh = True
+        except libvirt.libvirtError:
             # An earlier run was killed between define and the rest: finish it, marker included.
+            dom = self._lookup(a.id.name)
+            if dom is None:
+                raise
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels), o.scope),
                             domxml.NS_PREFIX, domxml.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            fresh = False
         if spec["autostart"]:
             dom.setAutostart(1)
-        self._set_state(dom, spec["state"], o)
+        if fresh and spec["state"] == "running":
+            dom.create()  # a domain defined a moment ago is shut off: no need to ask
+        elif not (fresh and spec["state"] == "shutoff"):
+            self._set_state(dom, spec["state"], o)
         return f"defined and {spec['state']}"
 
     def _set_state(self, dom: libvirt.virDomain, want: str, o: Options) -> None:
