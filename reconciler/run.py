@@ -51,30 +51,60 @@ def make_providers(kinds: set[str], targets: Targets) -> dict:
     return providers
 
 
-def read_all(providers: dict, say=None) -> Snapshot:
-    """Every provider's bulk read merged into one snapshot. Targets are read at the same time,
-    since each mostly waits on its daemon; `say` reports what each read cost."""
+def _read_one(p, providers: dict) -> tuple:
     import time
-    from concurrent.futures import ThreadPoolExecutor
+    kinds = frozenset(k for k, q in providers.items() if q is p)
+    started = time.monotonic()
+    part = p.read(kinds)
+    return p, part, time.monotonic() - started
 
-    def read(p):
-        kinds = frozenset(k for k, q in providers.items() if q is p)
-        started = time.monotonic()
-        part = p.read(kinds)
-        return p, part, time.monotonic() - started
 
-    unique = _unique(providers)
-    if len(unique) > 1:
-        with ThreadPoolExecutor(len(unique)) as ex:
-            parts = list(ex.map(read, unique))
-    else:
-        parts = [read(p) for p in unique]
+def _merge(parts: list, say=None) -> Snapshot:
     snap = Snapshot()
     for p, part, took in parts:
         if say:
             say(f"read {p.target()}: {len(part.objects)} live objects in {took:.2f}s")
         snap = snap.merged(part)
     return snap
+
+
+def read_all(providers: dict, say=None) -> Snapshot:
+    """Every provider's bulk read merged into one snapshot; `say` reports what each read cost."""
+    return _merge([_read_one(p, providers) for p in _unique(providers)], say)
+
+
+class BackgroundRead:
+    """Each target read on its own thread while the caller validates the manifests: the daemons do
+    their work in their own processes, so on two cores this hides most of the read. A read never
+    changes live state, so an invalid manifest found meanwhile simply abandons it."""
+
+    def __init__(self, providers: dict):
+        import threading
+        self.providers = providers
+        self.parts: list = []
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(p,), daemon=True, name=f"read {p.target()}")
+                        for p in _unique(providers)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, p) -> None:
+        try:
+            self.parts.append(_read_one(p, self.providers))
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self.errors.append(e)
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def result(self, say=None) -> Snapshot:
+        for t in self.threads:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
+        order = {id(p): i for i, p in enumerate(_unique(self.providers))}
+        return _merge(sorted(self.parts, key=lambda part: order[id(part[0])]), say)
 
 
 def _unique(providers: dict) -> list:
@@ -89,28 +119,31 @@ def reconcile(paths: list[str], targets: Targets, options: Options, out: Output,
               lock_timeout: float = 300.0, stdout: IO | None = None, progress=None) -> int:
     """`progress` (reconciler.progress.Progress) watches the apply; default: a display on stderr."""
     stdout = stdout or sys.stdout
-    resources = manifest.load(paths)
-    if options.prune and not resources:
+    docs = manifest.read_documents(paths)
+    if options.prune and not docs:
         raise planner.PlanError("refusing to prune: the manifests declare nothing (a wrong path would wipe the host)")
-    kinds = {r.id.kind for r in resources}
-    providers = make_providers(kinds, targets)
+    providers = make_providers(manifest.declared_kinds(docs), targets)
     text = TextReport(stdout, diff=out.diff, quiet=out.quiet, verbose=out.verbose, host=out.host) \
         if out.format == "text" else None
     plan = None
     results = None
     ok = False
+    reading: BackgroundRead | None = None
     try:
         with contextlib.ExitStack() as stack:
             for p in _unique(providers):
-                stack.callback(p.close)
+                # A read still running after a manifest error is left to finish on its own.
+                stack.callback(lambda p=p: None if reading is not None and reading.running else p.close())
             if apply:
                 from .lock import TargetLock
                 for p in _unique(providers):
                     stack.enter_context(TargetLock(p.target(), lock_timeout))
             say = (lambda m: print(f"{out.host + ': ' if out.host else ''}{m}", file=sys.stderr)) if out.verbose else None
+            reading = BackgroundRead(providers)
+            resources = manifest.build(docs)
             if say:
                 say(f"loaded {len(resources)} resources from {', '.join(paths)}")
-            snapshot = read_all(providers, say)
+            snapshot = reading.result(say)
             plan = planner.plan(resources, snapshot, options)
             if say:
                 say(f"planned: {len(plan.actions)} actions, {len(plan.unchanged)} in sync, {len(plan.orphans)} orphans")

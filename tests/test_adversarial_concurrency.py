@@ -128,9 +128,9 @@ def test_two_real_applies_at_once_never_interleave(private_libvirtd, prefix, tmp
     uri = private_libvirtd.uri
     m = write(tmp_path / "m" / "vms.yaml", *vms(prefix, 20))
     env = {"RECONCILER_LOCK_DIR": lock_dir}
-    a = slow_cli("apply", str(m), "--libvirt-uri", uri, "--lock-timeout", "120s", delay=0.05, env=env)
+    a = slow_cli("apply", str(m), "--libvirt-uri", uri, "--lock-timeout", "120s", delay=0.3, env=env)
     first = read_until(a, lambda ls: changed_lines(ls) >= 1)   # a holds the lock and is mid-apply
-    b = slow_cli("apply", str(m), "--libvirt-uri", uri, "--lock-timeout", "120s", delay=0.05, env=env)
+    b = slow_cli("apply", str(m), "--libvirt-uri", uri, "--lock-timeout", "120s", delay=0.3, env=env)
     out_a, err_a = a.communicate(timeout=120)
     out_a = "\n".join(first) + "\n" + out_a
     out_b, err_b = b.communicate(timeout=120)

@@ -250,7 +250,8 @@ def test_broker_going_away_mid_run_is_reported_per_resource_and_a_rerun_converge
 
 # --------------------------------------------------------------------------- kill -9 of the reconciler
 
-@pytest.mark.parametrize("kill_after", [1, 12, 30, 49])
+# Creates run four at a time, so up to four more than the printed lines may be done at the kill.
+@pytest.mark.parametrize("kill_after", [1, 12, 30, 45])
 def test_kill_9_during_a_50_vm_apply_then_rerun_converges(kill_after, prefix, tmp_path):
     """SIGKILL the CLI after it printed N "changed:" lines (each side effect is slowed a little, half of it
     right after the domain is defined and before it is started, so kills land inside actions too).
@@ -299,10 +300,12 @@ def test_kill_9_between_define_and_start_leaves_a_marked_domain_that_is_adopted(
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=30)
-    assert list(half) == [names[0]] and not half[names[0]]["active"] and half[names[0]]["managed"], half
+    # Creates run concurrently, so each of the first few may be caught between define and start.
+    assert half and all(not d["active"] and d["managed"] for d in half.values()), half
     again = cli("apply", str(m), "--libvirt-uri", uri)
     assert again.code == 0, again.out + again.err
-    assert f"changed: [VirtualMachine/{names[0]}] update" in again.out, again.out
+    for name in half:
+        assert f"changed: [VirtualMachine/{name}] update" in again.out, again.out
     live = domains(uri, prefix)
-    assert live[names[0]]["uuid"] == half[names[0]]["uuid"] and all(d["active"] for d in live.values())
+    assert all(live[n]["uuid"] == half[n]["uuid"] for n in half) and all(d["active"] for d in live.values())
     assert cli("apply", str(m), "--libvirt-uri", uri).recap.startswith("ok=3 changed=0")
