@@ -171,6 +171,11 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import gc
+    # A run builds hundreds of thousands of small, acyclic objects (YAML nodes, specs) that live to
+    # the end; the default thresholds rescan them over and over (0.6 s of 1.0 s parsing 3,410
+    # documents). Reference counting frees them as always; cycles are still collected, just rarer.
+    gc.set_threshold(200_000, 50, 100)
     args = parser().parse_args(argv)
     try:
         if args.command == "validate":

@@ -108,7 +108,25 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
 
 
-_CLoader = getattr(yaml, "CSafeLoader", None)
+class _ResolveOnce:
+    """Implicit tag resolution of a plain scalar depends on its text alone; manifests repeat the
+    same few texts thousands of times ("reconciler/v1", "64MiB", "true"), so remember the answers."""
+
+    _tags: dict = {}
+
+    def resolve(self, kind, value, implicit):
+        if kind is yaml.ScalarNode and implicit[0]:
+            key = (value, implicit[1])
+            tag = self._tags.get(key)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(self._tags) < 100_000:
+                    self._tags[key] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
+
+_CLoader = type("_CLoader", (_ResolveOnce, yaml.CSafeLoader), {}) if hasattr(yaml, "CSafeLoader") else None
 
 
 def _check_nodes(node: yaml.Node, file: str) -> None:
@@ -167,8 +185,8 @@ def _line_of(node: yaml.Node, path: tuple) -> int:
     return line
 
 
-def load_documents(file: str) -> list[tuple[Any, yaml.Node]]:
-    """(data, node) for each non-empty document of a file."""
+def read_text(file: str) -> str:
+    """A manifest file's text: within the size limit, no NUL byte, valid UTF-8."""
     try:
         size = os.path.getsize(file)
         if size > MAX_FILE_BYTES:
@@ -180,10 +198,16 @@ def load_documents(file: str) -> list[tuple[Any, yaml.Node]]:
     if b"\0" in raw:
         raise ManifestError("binary content (NUL byte) is not a manifest", file=file)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ManifestError("not valid UTF-8", file=file, line=line) from None
+
+
+def load_documents(file: str, text: str | None = None) -> list[tuple[Any, yaml.Node]]:
+    """(data, node) for each non-empty document of a file."""
+    if text is None:
+        text = read_text(file)
     docs = []
     try:
         # libyaml's parser is ten times faster than PyYAML's own, and caps nesting at 1,000 levels
@@ -324,19 +348,31 @@ def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
     if resolve is not None:
         # Relative paths in a manifest mean "next to this file", as in kustomize.
         spec = resolve(spec, os.path.dirname(os.path.abspath(file)))
-    return Resource(id=ResourceId(kind, name), spec=rules.normalise(spec), labels=labels,
+    try:
+        normalised = rules.normalise(spec)
+    except ManifestError as e:
+        if e.file:
+            raise
+        # A secret source that cannot be read is found while normalising: point at its field.
+        at = ("spec", "password") if "password" in spec else ("spec",)
+        raise ManifestError(e.message, file=file, line=_line_of(node, at), kind=kind, name=name) from None
+    return Resource(id=ResourceId(kind, name), spec=normalised, labels=labels,
                     file=file, line=line, declared=frozenset(spec), node=node)
 
 
+def read_texts(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """(file, text) of every manifest file below `paths`."""
+    return [(file, read_text(file)) for file in find_files(paths)]
+
+
+def parse_texts(texts: list[tuple[str, str]]) -> list[tuple[Any, yaml.Node, str]]:
+    """(data, node, file) of every document: YAML well-formed and within the limits, not yet checked
+    against any schema."""
+    return [(data, node, file) for file, text in texts for data, node in load_documents(file, text)]
+
+
 def read_documents(paths: Iterable[str]) -> list[tuple[Any, yaml.Node, str]]:
-    """(data, node, file) of every document below `paths`: YAML well-formed and within the limits,
-    not yet checked against any schema."""
-    return [(data, node, file) for file in find_files(paths) for data, node in load_documents(file)]
-
-
-def declared_kinds(docs: list[tuple[Any, yaml.Node, str]]) -> set[str]:
-    """The known kinds the documents name, before they are validated: enough to pick the targets."""
-    return {d.get("kind") for d, _, _ in docs if isinstance(d, dict) and d.get("kind") in KINDS}
+    return parse_texts(read_texts(paths))
 
 
 def build(docs: list[tuple[Any, yaml.Node, str]]) -> list[Resource]:

@@ -73,40 +73,6 @@ def read_all(providers: dict, say=None) -> Snapshot:
     return _merge([_read_one(p, providers) for p in _unique(providers)], say)
 
 
-class BackgroundRead:
-    """Each target read on its own thread while the caller validates the manifests: the daemons do
-    their work in their own processes, so on two cores this hides most of the read. A read never
-    changes live state, so an invalid manifest found meanwhile simply abandons it."""
-
-    def __init__(self, providers: dict):
-        import threading
-        self.providers = providers
-        self.parts: list = []
-        self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(p,), daemon=True, name=f"read {p.target()}")
-                        for p in _unique(providers)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, p) -> None:
-        try:
-            self.parts.append(_read_one(p, self.providers))
-        except BaseException as e:  # re-raised in the caller's thread by result()
-            self.errors.append(e)
-
-    @property
-    def running(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
-
-    def result(self, say=None) -> Snapshot:
-        for t in self.threads:
-            t.join()
-        if self.errors:
-            raise self.errors[0]
-        order = {id(p): i for i, p in enumerate(_unique(self.providers))}
-        return _merge(sorted(self.parts, key=lambda part: order[id(part[0])]), say)
-
-
 def _unique(providers: dict) -> list:
     seen: list = []
     for p in providers.values():
@@ -119,31 +85,30 @@ def reconcile(paths: list[str], targets: Targets, options: Options, out: Output,
               lock_timeout: float = 300.0, stdout: IO | None = None, progress=None) -> int:
     """`progress` (reconciler.progress.Progress) watches the apply; default: a display on stderr."""
     stdout = stdout or sys.stdout
-    docs = manifest.read_documents(paths)
-    if options.prune and not docs:
+    # Manifests first, then the targets they need. Reading the targets on a thread while the YAML
+    # is parsed was measured slower (1.26 s against 1.02 s at 1,000 VMs): both halves are Python
+    # work that holds the GIL, and the read's RPCs then wait for it.
+    resources = manifest.load(paths)
+    if options.prune and not resources:
         raise planner.PlanError("refusing to prune: the manifests declare nothing (a wrong path would wipe the host)")
-    providers = make_providers(manifest.declared_kinds(docs), targets)
+    providers = make_providers({r.id.kind for r in resources}, targets)
     text = TextReport(stdout, diff=out.diff, quiet=out.quiet, verbose=out.verbose, host=out.host) \
         if out.format == "text" else None
     plan = None
     results = None
     ok = False
-    reading: BackgroundRead | None = None
     try:
         with contextlib.ExitStack() as stack:
             for p in _unique(providers):
-                # A read still running after a manifest error is left to finish on its own.
-                stack.callback(lambda p=p: None if reading is not None and reading.running else p.close())
+                stack.callback(p.close)
             if apply:
                 from .lock import TargetLock
                 for p in _unique(providers):
                     stack.enter_context(TargetLock(p.target(), lock_timeout))
             say = (lambda m: print(f"{out.host + ': ' if out.host else ''}{m}", file=sys.stderr)) if out.verbose else None
-            reading = BackgroundRead(providers)
-            resources = manifest.build(docs)
             if say:
                 say(f"loaded {len(resources)} resources from {', '.join(paths)}")
-            snapshot = reading.result(say)
+            snapshot = read_all(providers, say)
             plan = planner.plan(resources, snapshot, options)
             if say:
                 say(f"planned: {len(plan.actions)} actions, {len(plan.unchanged)} in sync, {len(plan.orphans)} orphans")

@@ -8,7 +8,8 @@ ROOT=$PWD
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-PKGS="libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config mosquitto mosquitto-clients"
+PKGS="libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config
+      mosquitto mosquitto-clients gcc python3-dev python3-venv"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -16,7 +17,15 @@ done
 if [ -n "$missing" ]; then
   echo "setup: installing$missing"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+  # Debian starts its own mosquitto.service on 127.0.0.1:1883 where systemd runs; the demo broker
+  # (dynamic security, state under .run/) takes that port instead. Only a service this run installed.
+  case "$missing" in
+    *" mosquitto "*|*" mosquitto") if [ -d /run/systemd/system ]; then
+        echo "setup: stopping Debian's own mosquitto.service so the demo broker can use port 1883"
+        $SUDO systemctl disable --now mosquitto.service || true
+      fi ;;
+  esac
 fi
 
 # Python environment: a venv in .venv with the package and its test tools.
