@@ -15,7 +15,7 @@ On first start DIR receives (mode 0700):
 The admin role made by `dynsec init` may administer dynamic security and subscribe to `#`; this
 module also grants it `publishClientSend #`, so that the reconciler can publish (and clear) the
 retained messages of any topic and its sweep sentinel. A production broker may grant a subtree
-instead (see docs/mqtt.md).
+instead (see README.md, "The local broker of make demo").
 
 `start` is idempotent: a broker already running from DIR is left alone. The Python API
 (`start(dir, port) -> Broker`, `Broker.stop()`) is what the test fixtures use.

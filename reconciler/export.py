@@ -1,7 +1,7 @@
 """`reconciler export`: print live state as manifests (multi-document YAML) that validate and that
 `plan` reports in sync: the round trip of the contract, section 4.
 
-What is exported (docs/operations.md says the same for users):
+What is exported (README.md, "reconciler export", says the same for users):
 - VirtualMachines, MqttRoles, MqttGroups, MqttClients and Topics carry an ownership marker: without
   `--all` only marked (managed) ones are printed; `--all` adds unmarked ones, so that applying the
   output adopts them.

@@ -339,7 +339,7 @@ class Connection:
             if codes[0] >= 128:
                 raise TargetError(f"user {self.username!r} may not subscribe to {topic_filter!r} on {self.url}, "
                                   "so retained messages cannot be read: grant it subscribePattern "
-                                  f"{topic_filter} (see docs/mqtt.md)")
+                                  f"{topic_filter} (see README.md, MQTT limits)")
             try:
                 self.publish(sentinel_topic, self._sentinel, qos=1)
                 self._wait(lambda: True if self._sentinel_seen else None, "the retained-message sweep", timeout)
