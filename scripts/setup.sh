@@ -35,8 +35,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import reconciler, libvirt, paho.mqtt, yaml, jsonschema, pytest" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
-  .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e ".[test]"
+  mkdir -p .run
+  if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e ".[test]"; } >.run/pip.log 2>&1; then
+    cat .run/pip.log >&2
+    echo "setup: installing the Python package failed (log above, also in .run/pip.log)" >&2
+    exit 1
+  fi
   touch .venv/.installed
 fi
 
