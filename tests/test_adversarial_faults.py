@@ -159,7 +159,8 @@ def test_libvirt_going_away_mid_run_is_reported_per_resource_and_a_rerun_converg
     names = [f"{prefix}vm{i:02d}" for i in range(20)]
     m = write(tmp_path / "m" / "vms.yaml", *[vm(n) for n in names])
     uri = private_libvirtd.uri
-    p = slow_cli("apply", str(m), "--libvirt-uri", uri, delay=0.05)
+    # Slow enough that the four concurrent creates are far from done when the daemon dies.
+    p = slow_cli("apply", str(m), "--libvirt-uri", uri, delay=0.4)
     lines = read_until(p, lambda ls: changed_lines(ls) >= 5)
     private_libvirtd.kill()
     out, err = p.communicate(timeout=60)

@@ -207,13 +207,21 @@ def slow_cli(*args: str, delay: float = 0.04, define_delay: float | None = None,
 
 def read_until(proc: subprocess.Popen, predicate, timeout: float = 60) -> list[str]:
     """Lines of `proc`'s stdout up to and including the first for which `predicate(lines)` holds."""
+    # Byte by byte from the descriptor: a buffered readline may read ahead, and communicate(), which
+    # reads the descriptor directly, would never see those lines.
     lines: list[str] = []
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout
+    buf = b""
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
+        c = os.read(fd, 1)
+        if not c:
             break
-        lines.append(line.rstrip("\n"))
+        if c != b"\n":
+            buf += c
+            continue
+        lines.append(buf.decode("utf-8", "replace"))
+        buf = b""
         if predicate(lines):
             return lines
     raise AssertionError("the run ended before the awaited point:\n" + "\n".join(lines))
