@@ -304,21 +304,8 @@ def merge_metrics(sources: list[str], path: str) -> None:
                 name = re.split(r"[{ ]", line, 1)[0]
                 families.setdefault(name, {"head": [], "samples": []})["samples"].append(line)
     text = "".join("\n".join(f["head"] + f["samples"]) + "\n" for f in families.values())
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".reconciler-metrics-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .report import write_atomically
+    write_atomically(path, text)
 
 
 def _seed_metrics(previous: str, host: str, dest: str) -> None:

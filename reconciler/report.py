@@ -173,11 +173,16 @@ def write_metrics(path: str, plan: Plan | None, results: list[Result] | None, ok
                   "# TYPE reconciler_last_success_timestamp_seconds gauge",
                   series("reconciler_last_success_timestamp_seconds", {}, last_success if isinstance(last_success, str)
                          else f"{last_success:.3f}")]
+    write_atomically(path, "\n".join(lines) + "\n")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write, fsync, then rename into place: node_exporter never reads a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".reconciler-metrics-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
