@@ -92,3 +92,27 @@ def test_create_adopts_a_half_made_domain_instead_of_duplicating(provider):
     live = provider.read(frozenset()).objects[vm.id]
     assert live.managed and live.facts["state"] == "running"
     assert sum(1 for d in provider.conn.listAllDomains(0) if d.name() == "half") == 1
+
+
+def test_interfaces_and_graphics_on_the_test_driver(provider):
+    """Networks and interfaces are tested on the test driver only (never a bridge on the real host)."""
+    spec = {"hypervisor": "test", "memory": "64MiB", "vcpus": 1, "state": "shutoff",
+            "interfaces": [{"network": "default", "model": "virtio"}], "graphics": "vnc"}
+    vm = res("VirtualMachine", "nic1", spec)
+    converge(provider, [vm])
+    live = provider.read(frozenset()).objects[vm.id]
+    (nic,) = live.spec["interfaces"]
+    assert nic["network"] == "default" and nic["model"] == "virtio" and nic.get("mac")  # libvirt chose the MAC
+    assert live.spec["graphics"] == {"type": "vnc", "listen": "127.0.0.1"}
+    assert planner.plan([vm], provider.read(frozenset())).actions == ()  # a generated MAC is not drift
+    # Declaring that same MAC changes nothing; another MAC, or another model, is a config change.
+    same = res("VirtualMachine", "nic1", {**spec, "interfaces": [{"network": "default", "model": "virtio",
+                                                                  "mac": nic["mac"]}]})
+    assert planner.plan([same], provider.read(frozenset())).actions == ()
+    other = res("VirtualMachine", "nic1", {**spec, "interfaces": [{"network": "default", "model": "e1000"}]})
+    (a,) = planner.plan([other], provider.read(frozenset())).actions
+    assert a.verb == "update" and a.fields == ["spec.interfaces"] and a.changes[0].mode == "config"
+    converge(provider, [other])
+    after = provider.read(frozenset()).objects[vm.id]
+    assert after.spec["interfaces"][0]["model"] == "e1000"
+    assert planner.plan([other], provider.read(frozenset())).actions == ()
