@@ -58,9 +58,17 @@ def _change_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="allow a prune of more than half of a kind's managed objects")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error, which `plan` uses for "changes pending": a CI script would
+    read a typo as drift. Usage errors exit 1, like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="reconciler", description="Make libvirt and Mosquitto match YAML manifests.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ap = _Parser(prog="reconciler", description="Make libvirt and Mosquitto match YAML manifests.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     v = sub.add_parser("validate", help="check manifests offline")
     v.add_argument("paths", nargs="+", metavar="PATH")
@@ -77,9 +85,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--check", action="store_true", help="only plan (same output and exit codes as plan)")
     a.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
     a.add_argument("--allow-replace", action="store_true", help="redefine VMs whose hypervisor, arch or machine changed")
-    a.add_argument("--lock-timeout", type=_duration, default=_duration(os.environ.get("RECONCILER_LOCK_TIMEOUT", "300s")),
+    a.add_argument("--lock-timeout", type=_duration, default=os.environ.get("RECONCILER_LOCK_TIMEOUT", "300s"),
                    help="how long to wait for another run on the same target (default 300s)")
-    a.add_argument("--shutdown-timeout", type=_duration, default=_duration(os.environ.get("RECONCILER_SHUTDOWN_TIMEOUT", "60s")),
+    a.add_argument("--shutdown-timeout", type=_duration, default=os.environ.get("RECONCILER_SHUTDOWN_TIMEOUT", "60s"),
                    help="graceful shutdown time before a VM is forced off (default 60s)")
     _common(a)
 
@@ -89,8 +97,8 @@ def parser() -> argparse.ArgumentParser:
     _change_flags(w)
     w.add_argument("--allow-restart", action="store_true")
     w.add_argument("--allow-replace", action="store_true")
-    w.add_argument("--lock-timeout", type=_duration, default=300.0)
-    w.add_argument("--shutdown-timeout", type=_duration, default=60.0)
+    w.add_argument("--lock-timeout", type=_duration, default=os.environ.get("RECONCILER_LOCK_TIMEOUT", "300s"))
+    w.add_argument("--shutdown-timeout", type=_duration, default=os.environ.get("RECONCILER_SHUTDOWN_TIMEOUT", "60s"))
     _common(w)
 
     e = sub.add_parser("export", help="print live state as manifests")
