@@ -137,8 +137,10 @@ class Connection:
         if self._connack.is_failure:
             rc = self._connack
             self.close()
-            who = f"user {self.username!r}" if self.username else "an anonymous login"
-            raise TargetError(f"broker {self.url} refused the login of {who}: {rc}")
+            if not self.username:
+                raise TargetError(f"broker {self.url} refused an anonymous login ({rc}); give the admin login with "
+                                  f"--mqtt-username or RECONCILER_MQTT_USERNAME and RECONCILER_MQTT_PASSWORD(_FILE)")
+            raise TargetError(f"broker {self.url} refused the login of user {self.username!r}: {rc}")
         codes = self.subscribe(RESPONSE_TOPIC, qos=1)
         if codes[0] >= 128:
             self.close()
