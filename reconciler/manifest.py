@@ -172,10 +172,12 @@ class _LazyNode:
     """The node of a document the fast path built without one: composed (the whole file, once) only
     when an error needs a field's line. `line` is the document's own first line, known from the start."""
 
-    __slots__ = ("file", "text", "index", "line", "_file_nodes")
+    __slots__ = ("file", "text", "index", "line", "_file_nodes", "xml_safe")
 
-    def __init__(self, file: str, text: str, index: int, line: int, file_nodes: list):
+    def __init__(self, file: str, text: str, index: int, line: int, file_nodes: list, xml_safe: bool = False):
         self.file, self.text, self.index, self.line, self._file_nodes = file, text, index, line, file_nodes
+        # No character XML cannot hold, and no backslash that could write one: every string is safe.
+        self.xml_safe = xml_safe
 
     def get(self) -> yaml.Node:
         if not self._file_nodes:
@@ -319,7 +321,8 @@ def load_documents(file: str, text: str | None = None) -> list[tuple[Any, yaml.N
     fast = _fast_documents(text)
     if fast is not None:
         shared: list = []
-        return [(data, _LazyNode(file, text, i, line, shared)) for i, (data, line) in enumerate(fast)]
+        safe = "\\" not in text and not _NOT_IN_XML.search(text)
+        return [(data, _LazyNode(file, text, i, line, shared, safe)) for i, (data, line) in enumerate(fast)]
     return _load_with_nodes(file, text)
 
 
@@ -447,7 +450,7 @@ def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
                 where += (extra[0],)
         raise ManifestError(_schema_message(err, kind), file=file, line=_line_of(node, where),
                             kind=kind, name=kname)
-    if kind in LIBVIRT_KINDS:
+    if kind in LIBVIRT_KINDS and not (isinstance(node, _LazyNode) and node.xml_safe):
         unsafe = _xml_unsafe(data)
         if unsafe:
             path, what = unsafe
