@@ -124,6 +124,9 @@ def _config(d: Path, port: int, tls: dict | None = None) -> str:
         "persistence true",
         f"persistence_location {d / 'data'}/",
         "autosave_interval 60",
+        # The retained sweep queues every retained message for the reconciler's session at once;
+        # the default cap (1000) would drop the rest at fleet scale and a plan would see them missing.
+        "max_queued_messages 100000",
         f"log_dest file {d / 'mosquitto.log'}",
         "log_type error",
         "log_type warning",
