@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import IO
 
 from . import manifest, planner
-from .errors import ReconcilerError, TargetError
 from .model import LIBVIRT_KINDS, MQTT_KINDS, Options, Snapshot
 from .report import TextReport, apply_json, plan_json, write_metrics
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.kinds.libvirt import PlanContext, VirtualMachineRules
+from reconciler.kinds import PlanContext
+from reconciler.kinds.libvirt import VirtualMachineRules
 from reconciler.model import Live, Options, Resource, ResourceId
 from reconciler.providers.libvirt import domxml
 

@@ -1,7 +1,8 @@
 """The pure rules of each kind, by kind name: check, normalise, references, classify."""
 from __future__ import annotations
 
-from .libvirt import DiskRules, PlanContext, StoragePoolRules, VirtualMachineRules
+from .context import PlanContext
+from .libvirt import DiskRules, StoragePoolRules, VirtualMachineRules
 from .mqtt import MqttClientRules, MqttGroupRules, MqttRoleRules, TopicRules
 
 KIND_RULES = {

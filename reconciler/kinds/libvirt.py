@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..model import Action, FieldChange, Live, Options, Resource, ResourceId
+from ..model import Action, FieldChange, Live, Resource, ResourceId
+from .context import PlanContext
 from ..units import UnitError, format_bytes, parse_bytes
 
 # Qcow2 and dir pools round capacities up to a sector; a difference smaller than this is not drift.
@@ -19,17 +20,6 @@ def show(path: str, value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and path.endswith(("memory", "Memory", "capacity")):
         return format_bytes(value)
     return value
-
-
-class PlanContext:
-    """What a classify function may consult besides its own desired and live objects."""
-
-    def __init__(self, desired: dict, objects: dict, context: dict, options: Options):
-        self.desired = desired        # ResourceId -> Resource
-        self.objects = objects        # ResourceId -> Live
-        self.context = context        # provider facts: pools on the host, machine aliases, ...
-        self.options = options
-        self.memo: dict = {}          # indexes a kind builds once per plan (Topic ACLs by role)
 
 
 def _noop(r: Resource, live: Live | None, reason: str) -> Action:

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from ..errors import ManifestError
 from ..model import Action, FieldChange, Live, Resource, ResourceId
 from ..secrets import Secret, describe, read_secret, verify
-from .libvirt import PlanContext
+from .context import PlanContext
 
 ACL_TYPES = ("publishClientSend", "publishClientReceive", "subscribeLiteral", "subscribePattern",
              "unsubscribeLiteral", "unsubscribePattern")
