@@ -49,26 +49,17 @@ def make_providers(kinds: set[str], targets: Targets) -> dict:
     return providers
 
 
-def _read_one(p, providers: dict) -> tuple:
-    import time
-    kinds = frozenset(k for k, q in providers.items() if q is p)
-    started = time.monotonic()
-    part = p.read(kinds)
-    return p, part, time.monotonic() - started
-
-
-def _merge(parts: list, say=None) -> Snapshot:
-    snap = Snapshot()
-    for p, part, took in parts:
-        if say:
-            say(f"read {p.target()}: {len(part.objects)} live objects in {took:.2f}s")
-        snap = snap.merged(part)
-    return snap
-
-
 def read_all(providers: dict, say=None) -> Snapshot:
     """Every provider's bulk read merged into one snapshot; `say` reports what each read cost."""
-    return _merge([_read_one(p, providers) for p in _unique(providers)], say)
+    import time
+    snap = Snapshot()
+    for p in _unique(providers):
+        started = time.monotonic()
+        part = p.read(frozenset(k for k, q in providers.items() if q is p))
+        if say:
+            say(f"read {p.target()}: {len(part.objects)} live objects in {time.monotonic() - started:.2f}s")
+        snap = snap.merged(part)
+    return snap
 
 
 def _unique(providers: dict) -> list:
