@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))   # devbroker: the demo/test broker launcher
 
 PY = sys.executable
 FLOOR = str(ROOT / "bench" / "floor.py")
@@ -212,7 +213,7 @@ class Bench:
         except libvirt.libvirtError as e:
             raise BenchError(f"cannot open {URI} (is libvirtd running? `bash scripts/setup.sh`): {e}") from None
         if not self.args.no_mqtt:
-            from reconciler import devbroker
+            import devbroker
             last = None
             for _ in range(5):
                 try:

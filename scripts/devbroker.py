@@ -1,8 +1,8 @@
 """A local Mosquitto 2 broker with dynamic security and persistence, for `make demo` and the tests.
 
-    python -m reconciler.devbroker start --dir .run/broker --port 1883
-    python -m reconciler.devbroker stop --dir .run/broker
-    python -m reconciler.devbroker status --dir .run/broker
+    python scripts/devbroker.py start --dir .run/broker --port 1883
+    python scripts/devbroker.py stop --dir .run/broker
+    python scripts/devbroker.py status --dir .run/broker
 
 On first start DIR receives (mode 0700):
 
@@ -113,7 +113,7 @@ def _config(d: Path, port: int, tls: dict | None = None) -> str:
     if tls:
         extra = [f"listener {tls['port']} 127.0.0.1", f"certfile {tls['certfile']}", f"keyfile {tls['keyfile']}"]
     return "\n".join([
-        "# Written by reconciler.devbroker; regenerated on every start.",
+        "# Written by scripts/devbroker.py; regenerated on every start.",
         "per_listener_settings false",
         # Started as root, mosquitto would switch to the `mosquitto` user and lose access to DIR.
         f"user {pwd.getpwuid(os.geteuid()).pw_name}",
@@ -306,7 +306,7 @@ def stop(dir: str | os.PathLike, timeout: float = 10.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m reconciler.devbroker", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python scripts/devbroker.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="start the broker of DIR (creating DIR on first start)")
     s.add_argument("--dir", required=True)

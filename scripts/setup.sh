@@ -59,6 +59,6 @@ done
 virsh -c qemu:///system version >/dev/null
 
 if [ "${NO_BROKER:-0}" != 1 ]; then
-  .venv/bin/python -m reconciler.devbroker start --dir "$ROOT/.run/broker" --port "${BROKER_PORT:-1883}"
+  .venv/bin/python scripts/devbroker.py start --dir "$ROOT/.run/broker" --port "${BROKER_PORT:-1883}"
 fi
 echo "setup: libvirtd and broker are up"

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import unique
+# scripts/devbroker.py (the demo and test broker launcher) is a script, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from helpers import unique  # noqa: E402
 
 QEMU = "qemu:///system"
 TEST_UNIX = "test+unix:///default"

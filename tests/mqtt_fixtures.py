@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from helpers import Run, cli, doc, write
-from reconciler import devbroker
+import devbroker
 
 
 def start_broker(d: Path, **kw) -> devbroker.Broker:

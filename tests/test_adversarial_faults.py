@@ -216,7 +216,7 @@ def test_a_failing_resource_skips_its_dependents_and_independent_work_goes_on(qe
 def test_broker_going_away_mid_run_is_reported_per_resource_and_a_rerun_converges(prefix, mq, tmp_path):
     """The broker is SIGKILLed after the 4th change; every resource still gets its line, the run exits 1
     with no traceback and no secret; after a restart a rerun converges with each client once."""
-    from reconciler import devbroker
+    import devbroker
     secret_file = tmp_path / "pw"
     secret_file.write_text(mq.secret("client-secret-Xy9") + "\n")
     role = doc("MqttRole", f"{prefix}role", {"acls": [{"type": "publishClientSend", "topic": f"{prefix}/+/data"}]})

@@ -283,7 +283,7 @@ def test_a_publish_the_broker_denies_is_a_failure(mq):
     admin["acls"] = [a for a in admin["acls"] if (a["acltype"], a["topic"]) != ("publishClientSend", "#")]
     admin["acls"].append({"acltype": "publishClientSend", "topic": "edge/#", "allow": True})
     f.write_text(json.dumps(data))
-    from reconciler import devbroker
+    import devbroker
     mq.broker = devbroker.start(mq.broker.dir, mq.broker.port, die_with_parent=True)
     path = write(mq.tmp / "m" / "t.yaml", doc("Topic", "edge/ok", {"retained": {"payload": "fine"}}),
                  doc("Topic", "plant/denied", {"retained": {"payload": "nope"}}),
@@ -393,7 +393,7 @@ def test_mqtts_with_cafile(tmp_path):
     (certs / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
          "-days", "2", "-out", "server.crt", "-extfile", "ext.cnf")
-    from reconciler import devbroker
+    import devbroker
     tls_port = devbroker.free_port()
     b = start_broker(tmp_path / "broker", tls={"port": tls_port, "certfile": str(certs / "server.crt"),
                                                 "keyfile": str(certs / "server.key")})
