@@ -87,7 +87,7 @@ class TextReport:
 
 def _change(a: Action, status: str, message: str | None = None) -> dict:
     d = {"action": a.verb, "kind": a.id.kind, "name": a.id.name, "fields": a.fields,
-         "status": status, "reason": a.reason}
+         "status": status, "reason": a.reason, "diff": [_field_diff(c) for c in a.changes]}
     if a.refused:
         d["error"] = a.refused
     elif a.held:
@@ -95,6 +95,18 @@ def _change(a: Action, status: str, message: str | None = None) -> dict:
     if message and status == "failed":
         d["error"] = message
     return d
+
+
+def _field_diff(c) -> dict:
+    """One field's before/after as JSON values (quantities in the units a user writes); a secret's never."""
+    if c.secret:
+        return {"path": c.path, "mode": c.mode, "secret": True}
+    return {"path": c.path, "before": _jsonable(show(c.path, c.before)), "after": _jsonable(show(c.path, c.after)),
+            "mode": c.mode}
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
 
 
 def plan_json(plan: Plan) -> dict:
