@@ -6,7 +6,7 @@ import os
 import sys
 
 from .errors import ReconcilerError
-from .model import KINDS
+from .kinds.registry import NAMES as KINDS
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
 

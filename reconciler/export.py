@@ -37,7 +37,11 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ReconcilerError
-from .model import KINDS, LIBVIRT_KINDS, MQTT_KINDS, Live, ResourceId, Snapshot
+from .kinds.registry import NAMES as KINDS
+from .kinds.registry import of_target
+from .model import Live, ResourceId, Snapshot
+
+LIBVIRT_KINDS, MQTT_KINDS = of_target("libvirt"), of_target("mqtt")
 from .units import format_bytes
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")

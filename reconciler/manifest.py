@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ManifestError
-from .model import KINDS, LIBVIRT_KINDS, Resource, ResourceId
+from .model import Resource, ResourceId
 
 MAX_FILE_BYTES = 8 * 1024 * 1024       # a manifest file larger than this is refused
 MAX_NODES = 200_000                    # YAML nodes per file once aliases are expanded
@@ -412,8 +412,8 @@ def _xml_unsafe(data: Any, path: tuple = ()) -> tuple[tuple, str] | None:
 
 
 def _kind_modules():
-    from .kinds import KIND_RULES
-    return KIND_RULES
+    from .kinds.registry import BY_NAME
+    return BY_NAME
 
 
 def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
@@ -427,8 +427,9 @@ def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
     if data.get("apiVersion") != "reconciler/v1":
         raise ManifestError("apiVersion must be reconciler/v1", file=file,
                             line=_line_of(node, ("apiVersion",)), kind=kind if isinstance(kind, str) else None, name=kname)
-    if kind not in KINDS:
-        raise ManifestError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})", file=file,
+    kinds = _kind_modules()
+    if kind not in kinds:
+        raise ManifestError(f"unknown kind {kind!r} (expected one of {', '.join(kinds)})", file=file,
                             line=_line_of(node, ("kind",)), name=kname)
     fast = fast_validator(kind)
     valid = False
@@ -450,7 +451,7 @@ def parse_document(data: Any, node: yaml.Node, file: str) -> Resource:
                 where += (extra[0],)
         raise ManifestError(_schema_message(err, kind), file=file, line=_line_of(node, where),
                             kind=kind, name=kname)
-    if kind in LIBVIRT_KINDS and not (isinstance(node, _LazyNode) and node.xml_safe):
+    if kinds[kind].target == "libvirt" and not (isinstance(node, _LazyNode) and node.xml_safe):
         unsafe = _xml_unsafe(data)
         if unsafe:
             path, what = unsafe

@@ -4,12 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-LIBVIRT_KINDS = ("StoragePool", "Disk", "VirtualMachine")
-MQTT_KINDS = ("MqttRole", "MqttGroup", "MqttClient", "Topic")
-KINDS = LIBVIRT_KINDS + MQTT_KINDS
-# Creation order; deletions run in the reverse of it.
-KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
-
+# The kinds themselves (names, creation order, targets) are listed once: reconciler/kinds/registry.py.
 VERBS = ("create", "update", "delete", "restart", "replace")
 
 

@@ -5,7 +5,8 @@ from collections import Counter
 
 from .errors import ReconcilerError
 from .kinds import KIND_RULES, PRUNABLE, PlanContext
-from .model import KIND_ORDER, Action, Options, Plan, Resource, Snapshot
+from .kinds.registry import ORDER as KIND_ORDER
+from .model import Action, Options, Plan, Resource, Snapshot
 
 # --prune refuses to delete more than this share of a kind's managed objects...
 PRUNE_MAX_SHARE = 0.5

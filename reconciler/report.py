@@ -9,7 +9,8 @@ import time
 from typing import IO, Any
 
 from .kinds.libvirt import show
-from .model import KINDS, Action, Plan, Result
+from .kinds.registry import NAMES as KINDS
+from .model import Action, Plan, Result
 
 
 def _value(path: str, v: Any) -> str:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from . import manifest, planner
-from .model import LIBVIRT_KINDS, MQTT_KINDS, Options, Snapshot
+from .kinds.registry import of_target
+from .model import Options, Snapshot
 from .report import TextReport, apply_json, plan_json, write_metrics
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
@@ -36,6 +37,7 @@ class Output:
 def make_providers(kinds: set[str], targets: Targets) -> dict:
     """A provider per needed target, keyed by kind. Only targets the manifests need are touched."""
     providers: dict = {}
+    LIBVIRT_KINDS, MQTT_KINDS = of_target("libvirt"), of_target("mqtt")
     if kinds & set(LIBVIRT_KINDS):
         from .providers.libvirt import LibvirtProvider
         p = LibvirtProvider(targets.libvirt_uri)

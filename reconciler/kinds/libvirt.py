@@ -47,6 +47,8 @@ def _abs(path: str, base: str) -> str:
 
 class StoragePoolRules:
     kind = "StoragePool"
+    target = "libvirt"
+    prunable = False
 
     @staticmethod
     def resolve_paths(spec: dict, base: str) -> dict:
@@ -128,6 +130,8 @@ def backing_path(ctx: PlanContext, spec: dict) -> str | None:
 
 class DiskRules:
     kind = "Disk"
+    target = "libvirt"
+    prunable = False
 
     @staticmethod
     def resolve_paths(spec: dict, base: str) -> dict:
@@ -266,6 +270,8 @@ MIB = 1024 * 1024
 
 class VirtualMachineRules:
     kind = "VirtualMachine"
+    target = "libvirt"
+    prunable = True
 
     @staticmethod
     def resolve_paths(spec: dict, base: str) -> dict:

@@ -208,6 +208,8 @@ def effective_acls(r: Resource, ctx: PlanContext) -> list[dict] | None:
 
 class MqttRoleRules:
     kind = "MqttRole"
+    target = "mqtt"
+    prunable = True
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -256,6 +258,8 @@ class MqttRoleRules:
 
 class MqttGroupRules:
     kind = "MqttGroup"
+    target = "mqtt"
+    prunable = True
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -294,6 +298,8 @@ class MqttGroupRules:
 
 class MqttClientRules:
     kind = "MqttClient"
+    target = "mqtt"
+    prunable = True
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -373,6 +379,8 @@ class MqttClientRules:
 
 class TopicRules:
     kind = "Topic"
+    target = "mqtt"
+    prunable = True
 
     @staticmethod
     def check(name: str, spec: dict):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ...errors import ApplyError, TargetError
-from ...model import MQTT_KINDS, Action, Live, Options, ResourceId, Snapshot
+from ...kinds.registry import of_target
+from ...model import Action, Live, Options, ResourceId, Snapshot
 from ...secrets import fingerprint
 from . import marker
 from .connection import Connection, PublishRefused, RetainedMessage
@@ -63,7 +64,7 @@ def _topic_live(m: RetainedMessage) -> Live:
 
 
 class MosquittoProvider:
-    kinds: ClassVar[tuple[str, ...]] = MQTT_KINDS
+    kinds: ClassVar[tuple[str, ...]] = of_target("mqtt")
 
     def __init__(self, url: str = "mqtt://127.0.0.1:1883", username: str | None = None,
                  password: str | None = None, cafile: str | None = None):
@@ -91,8 +92,8 @@ class MosquittoProvider:
 
     # ------------------------------------------------------------------ read
 
-    def read(self, kinds: frozenset[str] = frozenset(MQTT_KINDS)) -> Snapshot:
-        kinds = frozenset(kinds) & set(MQTT_KINDS)
+    def read(self, kinds: frozenset[str] = frozenset(of_target("mqtt"))) -> Snapshot:
+        kinds = frozenset(kinds) & set(of_target("mqtt"))
         objects: dict[ResourceId, Live] = {}
         if not kinds:
             return Snapshot({})
