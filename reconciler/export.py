@@ -16,8 +16,9 @@ What is exported (README.md, "reconciler export", says the same for users):
 - Secrets are never read back: a client whose password the reconciler set (its marker holds a
   fingerprint) gets `password: {fromEnv: MQTT_PASSWORD_<NAME>}` with a comment; for other clients the
   same line is printed commented out, so applying the export leaves their password alone.
-- A field that a manifest cannot express (an empty CD-ROM drive, a user-mode NIC) is left out of the
-  document with a comment; fields left out are not compared, so the round trip still holds.
+- A device that a manifest cannot express (an empty CD-ROM drive, a disk on a USB bus, a macvtap
+  NIC) is left out of the document alone, with a comment; every other disk and interface is exported.
+  The VirtualMachine kind never compares nor removes such a device, so the round trip still holds.
 
 Targets: libvirt (from --libvirt-uri) whenever a libvirt kind is exported; the broker only when an
 MQTT kind is exported and a broker login is configured (--mqtt-username / RECONCILER_MQTT_USERNAME).
@@ -289,9 +290,6 @@ def _disk_backing(doc: Doc, d: Live, disks_by_path: dict, exported: set[str]) ->
         doc.spec["backingStore"] = {"path": b}
 
 
-_BUSES = ("virtio", "sata", "scsi", "ide")
-
-
 def _vm(v: Live, disks_by_path: dict, exported_disks: set[str]) -> Doc:
     s = v.spec
     facts = v.facts
@@ -315,17 +313,15 @@ def _vm(v: Live, disks_by_path: dict, exported_disks: set[str]) -> Doc:
     elif boot:
         comments.append(f"boot not exported: {boot} cannot be written in a manifest")
 
-    disks, why = [], None
+    # Every device a manifest can express is exported; one it cannot (an empty CD-ROM drive, a
+    # macvtap NIC) is left out alone, with a comment: the kind never compares nor removes such a device.
+    from .kinds.libvirt import inexpressible_disk, inexpressible_interface
+    disks = []
     for d in s.get("disks", ()):
-        if d.get("bus") not in _BUSES:
-            why = f"{d.get('target')} is on bus {d.get('bus')!r}"
-            break
-        if not d.get("path"):
-            why = f"{d.get('target')} has no source (an empty drive)"
-            break
-        if d.get("path", "").startswith("volume:"):
-            why = f"{d.get('target')} names a pool volume, not a file"
-            break
+        why = inexpressible_disk(d)
+        if why:
+            comments.append(f"disk {why}: a manifest cannot express it; it is left as it is")
+            continue
         name = d.get("disk") or getattr(disks_by_path.get(d["path"]), "id", ResourceId("", "")).name or None
         entry: dict[str, Any]
         if name and name in exported_disks and d.get("device", "disk") == "disk":
@@ -335,29 +331,21 @@ def _vm(v: Live, disks_by_path: dict, exported_disks: set[str]) -> Doc:
             if d.get("device", "disk") != "disk":
                 entry["device"] = d["device"]
         disks.append(entry)
-    if why:
-        comments.append(f"disks not exported: {why}; they are left as they are")
-    else:
-        spec["disks"] = disks
+    spec["disks"] = disks
 
-    ifaces, why = [], None
+    ifaces = []
     for i in s.get("interfaces", ()):
-        if "network" in i:
-            e = {"network": i["network"]}
-        elif "bridge" in i:
-            e = {"bridge": i["bridge"]}
-        else:
-            why = f"an interface of type {i.get('type')!r}"
-            break
+        why = inexpressible_interface(i)
+        if why:
+            comments.append(f"{why} cannot be written in a manifest; it is left as it is")
+            continue
+        e: dict[str, Any] = {k: i[k] for k in ("network", "bridge", "user") if k in i}
         if i.get("model"):
             e["model"] = i["model"]
         if i.get("mac"):
             e["mac"] = i["mac"]
         ifaces.append(e)
-    if why:
-        comments.append(f"interfaces not exported: {why} cannot be written in a manifest; they are left as they are")
-    else:
-        spec["interfaces"] = ifaces
+    spec["interfaces"] = ifaces
 
     g = s.get("graphics") or {"type": "none"}
     if g.get("type") == "none":

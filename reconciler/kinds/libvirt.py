@@ -240,8 +240,34 @@ def _norm_vm_disk(d: dict) -> dict:
     return out
 
 
+VM_DISK_BUSES = ("virtio", "sata", "scsi", "ide")
+
+
+def inexpressible_disk(d: dict) -> str | None:
+    """Why a live disk device cannot be written in a manifest, or None when it can. Such a device
+    (the empty CD-ROM drive virt-install leaves, a USB stick, a pool-volume source) is never compared
+    unless a manifest declares its target, and never removed: it is left as it is."""
+    device, target = d.get("device", "disk"), d.get("target")
+    if device not in ("disk", "cdrom"):
+        return f"{target} is a {device} device"
+    if d.get("bus") not in VM_DISK_BUSES:
+        return f"{target} is on bus {d.get('bus')!r}"
+    if not d.get("path"):
+        return f"{target} has no file (an empty drive)"
+    if d["path"].startswith("volume:"):
+        return f"{target} names a pool volume, not a file"
+    return None
+
+
+def inexpressible_interface(i: dict) -> str | None:
+    """Why a live interface cannot be written in a manifest (macvtap, hostdev, ...), or None."""
+    if "network" in i or "bridge" in i or i.get("user"):
+        return None
+    return f"an interface of type {i.get('type')!r}"
+
+
 def _norm_iface(i: dict) -> dict:
-    out = {k: i[k] for k in ("network", "bridge", "model") if k in i}
+    out = {k: i[k] for k in ("network", "bridge", "user", "model") if k in i}
     if "mac" in i:
         out["mac"] = i["mac"].lower()
     return out
@@ -398,13 +424,16 @@ def _compare_vm(d: dict, declared: frozenset, l: dict, ctx: PlanContext, running
     for f in ("boot", "graphics"):
         if f in declared and d[f] != l.get(f):
             ch.append(FieldChange(f"spec.{f}", l.get(f), d[f], slow))
-    if "interfaces" in declared and not _interfaces_match(d["interfaces"], l.get("interfaces", [])):
-        ch.append(FieldChange("spec.interfaces", l.get("interfaces"), d["interfaces"], slow))
+    if "interfaces" in declared:
+        have_ifaces = [i for i in l.get("interfaces", []) if inexpressible_interface(i) is None]
+        if not _interfaces_match(d["interfaces"], have_ifaces):
+            ch.append(FieldChange("spec.interfaces", have_ifaces, d["interfaces"], slow))
     if view == "config" and "description" in declared and d["description"] != (l.get("description") or None):
         ch.append(FieldChange("spec.description", l.get("description"), d["description"], "live"))
     if "disks" in declared:
         want = _resolve_disks(ctx, d["disks"])
-        have = {x["target"]: {k: x.get(k) for k in ("target", "bus", "device", "path")} for x in l.get("disks", [])}
+        have = {x["target"]: {k: x.get(k) for k in ("target", "bus", "device", "path")} for x in l.get("disks", [])
+                if inexpressible_disk(x) is None or x["target"] in want}
         for t in sorted(set(want) | set(have)):
             w, h = want.get(t), have.get(t)
             if w == h:

@@ -27,6 +27,9 @@ IGNORED_DOMAIN_NOISE = (
 
 KIB = 1024
 
+# What a manifest can express is the kind's rule; the XML side only keeps the rest untouched.
+from ...kinds.libvirt import inexpressible_disk, inexpressible_interface  # noqa: E402
+
 
 def _text(el: ET.Element | None, default: Any = None) -> Any:
     return el.text if el is not None and el.text is not None else default
@@ -52,36 +55,8 @@ def parse_domain(xml: str) -> dict[str, Any]:
     cur_vcpus = int(vcpu.get("current", max_vcpus)) if vcpu is not None else max_vcpus
     max_mem = _kib(root.find("memory"))
     cur_mem = _kib(root.find("currentMemory")) or max_mem
-    disks = []
-    for d in root.findall("devices/disk"):
-        src = d.find("source")
-        path = None
-        if src is not None:
-            path = src.get("file") or src.get("dev") or (
-                f"volume:{src.get('pool')}/{src.get('volume')}" if src.get("volume") else None)
-        tgt = d.find("target")
-        if tgt is None:
-            continue
-        entry = {"target": tgt.get("dev"), "bus": tgt.get("bus"), "device": d.get("device", "disk")}
-        entry["path"] = path
-        disks.append(entry)
-    interfaces = []
-    for i in root.findall("devices/interface"):
-        src = i.find("source")
-        entry: dict[str, Any] = {}
-        if i.get("type") == "network" and src is not None:
-            entry["network"] = src.get("network")
-        elif i.get("type") == "bridge" and src is not None:
-            entry["bridge"] = src.get("bridge")
-        else:
-            entry["type"] = i.get("type")
-        model = i.find("model")
-        if model is not None:
-            entry["model"] = model.get("type")
-        mac = i.find("mac")
-        if mac is not None and mac.get("address"):
-            entry["mac"] = mac.get("address").lower()
-        interfaces.append(entry)
+    disks = [e for e in (_disk_entry(d) for d in root.findall("devices/disk")) if e is not None]
+    interfaces = [_interface_entry(i) for i in root.findall("devices/interface")]
     g = root.find("devices/graphics")
     if g is None:
         graphics = {"type": "none"}
@@ -119,6 +94,40 @@ def parse_domain(xml: str) -> dict[str, Any]:
             "labels": labels, "managed": managed, "scope": scope}
 
 
+def _disk_entry(d: ET.Element) -> dict | None:
+    """One <disk> as {target, bus, device, path}; path None for an empty drive."""
+    src = d.find("source")
+    path = None
+    if src is not None:
+        path = src.get("file") or src.get("dev") or (
+            f"volume:{src.get('pool')}/{src.get('volume')}" if src.get("volume") else None)
+    tgt = d.find("target")
+    if tgt is None:
+        return None
+    return {"target": tgt.get("dev"), "bus": tgt.get("bus"), "device": d.get("device", "disk"), "path": path}
+
+
+def _interface_entry(i: ET.Element) -> dict:
+    """One <interface> in manifest shape: network, bridge or user (else its libvirt type), model, mac."""
+    src = i.find("source")
+    entry: dict[str, Any] = {}
+    if i.get("type") == "network" and src is not None:
+        entry["network"] = src.get("network")
+    elif i.get("type") == "bridge" and src is not None:
+        entry["bridge"] = src.get("bridge")
+    elif i.get("type") == "user":
+        entry["user"] = True
+    else:
+        entry["type"] = i.get("type")
+    model = i.find("model")
+    if model is not None:
+        entry["model"] = model.get("type")
+    mac = i.find("mac")
+    if mac is not None and mac.get("address"):
+        entry["mac"] = mac.get("address").lower()
+    return entry
+
+
 def owner_element(labels: dict[str, str], scope: str = "default") -> ET.Element:
     """The ownership marker: <reconciler:owner managed="true" scope="..."> with the labels inside."""
     owner = ET.Element(f"{{{NS}}}owner", {"managed": "true", "scope": scope})
@@ -153,6 +162,9 @@ def _interface_element(i: dict) -> ET.Element:
     if "network" in i:
         el = ET.Element("interface", {"type": "network"})
         ET.SubElement(el, "source", {"network": i["network"]})
+    elif i.get("user"):
+        # QEMU's user-mode network: no host device, so no <source>.
+        el = ET.Element("interface", {"type": "user"})
     else:
         el = ET.Element("interface", {"type": "bridge"})
         ET.SubElement(el, "source", {"bridge": i["bridge"]})
@@ -291,7 +303,10 @@ def patch_domain(xml: str, spec: dict, declared: frozenset, labels: dict,
             dev = tgt.get("dev") if tgt is not None else None
             d = want.pop(dev, None) if dev else None
             if d is None:
-                devices.remove(el)
+                entry = _disk_entry(el)
+                # A device no manifest can declare (an empty CD-ROM drive) is never compared, so never removed.
+                if entry is None or inexpressible_disk(entry) is None:
+                    devices.remove(el)
                 continue
             path, fmt = disk_sources[dev]
             src = el.find("source")
@@ -306,7 +321,8 @@ def patch_domain(xml: str, spec: dict, declared: frozenset, labels: dict,
                 path, fmt = disk_sources[d["target"]]
                 devices.append(disk_element(d, path, fmt))
     if "interfaces" in declared:
-        existing = devices.findall("interface")
+        # Interfaces a manifest cannot express (macvtap, hostdev, ...) are neither compared nor touched.
+        existing = [el for el in devices.findall("interface") if inexpressible_interface(_interface_entry(el)) is None]
         for n, i in enumerate(spec["interfaces"]):
             if n < len(existing) and interface_matches(i, existing[n]):
                 continue
@@ -343,6 +359,9 @@ def interface_matches(want: dict, el: ET.Element) -> bool:
     src = el.find("source")
     if "network" in want:
         if el.get("type") != "network" or src is None or src.get("network") != want["network"]:
+            return False
+    elif want.get("user"):
+        if el.get("type") != "user":
             return False
     elif el.get("type") != "bridge" or src is None or src.get("bridge") != want.get("bridge"):
         return False
