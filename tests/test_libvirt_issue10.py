@@ -123,3 +123,85 @@ def test_export_keeps_every_expressible_disk_and_user_nic_and_round_trips(qemu_u
     after = virsh(qemu_uri, "dumpxml", "--inactive", name)
     assert after.count("<interface type='user'>") == 3 and "device='cdrom'" in after
     assert "rtl8139" in after
+
+
+# --------------------------------------------------------------------------- drift of the persistent definition only
+
+def node(prefix: str, pool_dir: str, *, vcpus=1, description="gw", extra_vm: dict | None = None) -> list[dict]:
+    pool = doc("StoragePool", f"{prefix}pool", {"type": "dir", "path": pool_dir})
+    root = doc("Disk", f"{prefix}root", {"pool": f"{prefix}pool", "capacity": "64MiB", "format": "qcow2"})
+    data = doc("Disk", f"{prefix}data", {"pool": f"{prefix}pool", "capacity": "32MiB", "format": "raw"})
+    spec = {"hypervisor": "qemu", "memory": "128MiB", "maxMemory": "256MiB", "vcpus": vcpus, "maxVcpus": 2,
+            "state": "running", "graphics": "none", "description": description,
+            "disks": [{"disk": f"{prefix}root", "target": "vda", "bus": "virtio"},
+                      {"disk": f"{prefix}data", "target": "vdb", "bus": "virtio"}]}
+    spec.update(extra_vm or {})
+    return [pool, root, data, doc("VirtualMachine", f"{prefix}vm", spec)]
+
+
+def domid(uri: str, name: str) -> str:
+    return virsh(uri, "domid", name).strip()
+
+
+def test_disk_detached_from_the_definition_only_converges_and_blocks_nothing(qemu_uri, prefix, pool_dir, tmp_path):
+    m = write(tmp_path / "m" / "node.yaml", *node(prefix, pool_dir))
+    apply_twice(m, qemu_uri)
+    vm = f"{prefix}vm"
+    before_id = domid(qemu_uri, vm)
+    virsh(qemu_uri, "detach-disk", vm, "vdb", "--config")
+    assert "vdb" not in virsh(qemu_uri, "domblklist", vm, "--inactive")
+    assert "vdb" in virsh(qemu_uri, "domblklist", vm)          # still attached to the running VM
+
+    # An unrelated change on the same VM in the same run.
+    write(m, *node(prefix, pool_dir, description="gw, relabelled"))
+    js = plan_json(m, qemu_uri)
+    (change,) = js["changes"]
+    assert change["action"] == "update" and set(change["fields"]) == {"spec.disks[vdb]", "spec.description"}
+    assert js["summary"]["restart"] == 0                          # the running VM already has the disk
+    first = apply_twice(m, qemu_uri)
+    assert "duplicated" not in first.out + first.err
+    assert "vdb" in virsh(qemu_uri, "domblklist", vm, "--inactive")
+    assert virsh(qemu_uri, "desc", vm, "--config").strip() == "gw, relabelled"
+    assert domid(qemu_uri, vm) == before_id, "the VM was restarted"
+    assert plan_json(m, qemu_uri)["changes"] == []
+
+
+def test_persistent_vcpu_drift_is_a_definition_fix_not_a_restart(qemu_uri, prefix, pool_dir, tmp_path):
+    m = write(tmp_path / "m" / "node.yaml", *node(prefix, pool_dir))
+    apply_twice(m, qemu_uri)
+    vm = f"{prefix}vm"
+    before_id = domid(qemu_uri, vm)
+    virsh(qemu_uri, "setvcpus", vm, "2", "--config")          # the running VM keeps its 1 vCPU
+    js = plan_json(m, qemu_uri)
+    assert js["summary"]["restart"] == 0, js
+    (change,) = js["changes"]
+    assert change["action"] == "update" and change["fields"] == ["spec.vcpus"]
+    apply_twice(m, qemu_uri)
+    assert virsh(qemu_uri, "vcpucount", vm, "--config", "--current").strip() == "1"
+    assert domid(qemu_uri, vm) == before_id
+
+
+def test_forced_power_off_is_said(qemu_uri, prefix, pool_dir, tmp_path):
+    # The guest boots nothing, so it never answers the ACPI shutdown: after the timeout it is forced off.
+    m = write(tmp_path / "m" / "node.yaml", *node(prefix, pool_dir))
+    apply_twice(m, qemu_uri)
+    write(m, *node(prefix, pool_dir, extra_vm={"state": "shutoff"}))
+    r = cli("apply", str(m), "--libvirt-uri", qemu_uri, "--shutdown-timeout", "1s")
+    assert r.code == 0, r.out + r.err
+    line = next(l for l in r.out.splitlines() if f"VirtualMachine/{prefix}vm" in l)
+    assert "forced off: the guest did not shut down within 1s" in line, r.out
+    js = cli("apply", str(m), "--libvirt-uri", qemu_uri, "-o", "json")
+    assert js.code == 0 and js.json["changes"] == [], js.out
+    assert virsh(qemu_uri, "domstate", f"{prefix}vm").strip() == "shut off"
+
+
+def test_refused_shrink_lists_its_field(qemu_uri, prefix, pool_dir, tmp_path):
+    docs = node(prefix, pool_dir)[:3]
+    m = write(tmp_path / "m" / "disks.yaml", *docs)
+    apply_twice(m, qemu_uri)
+    docs[2]["spec"]["capacity"] = "16MiB"
+    write(m, *docs)
+    p = cli("plan", str(m), "--libvirt-uri", qemu_uri, "-o", "json")
+    assert p.code == 1, p.out + p.err
+    (change,) = p.json["changes"]
+    assert change["fields"] == ["spec.capacity"], change

@@ -202,22 +202,28 @@ class DiskRules:
                            changes=(FieldChange("spec.capacity", None, d["capacity"], "config"),))]
         l = live.spec
         refusals = []
+        # A refused change still names its field, so that output and JSON say what was refused.
+        refused_fields: list[FieldChange] = []
         if l.get("pool") != d["pool"]:
             refusals.append(f"it is in pool {l.get('pool')!r}; moving a disk between pools is not supported")
+            refused_fields.append(FieldChange("spec.pool", l.get("pool"), d["pool"], "replace"))
         if l.get("format") != d["format"]:
             refusals.append(f"changing format {l.get('format')} -> {d['format']} of an existing disk is refused")
+            refused_fields.append(FieldChange("spec.format", l.get("format"), d["format"], "replace"))
         want_backing = backing_path(ctx, d)
         if (l.get("backingStore") or None) != want_backing:
             refusals.append(f"changing the backing store of an existing disk ({l.get('backingStore')} -> {want_backing}) is refused")
+            refused_fields.append(FieldChange("spec.backingStore", l.get("backingStore"), want_backing, "replace"))
         cap = l.get("capacity", 0)
         changes = []
         if d["capacity"] < cap - CAPACITY_SLACK:
             refusals.append(f"shrinking {format_bytes(cap)} -> {format_bytes(d['capacity'])} would lose data and is refused")
+            refused_fields.append(FieldChange("spec.capacity", cap, d["capacity"], "replace"))
         elif d["capacity"] > cap:
             changes.append(FieldChange("spec.capacity", cap, d["capacity"], "live"))
         if refusals:
-            return [Action("update", r.id, "; ".join(refusals), desired=r, live=live, changes=tuple(changes),
-                           refused="; ".join(refusals))]
+            return [Action("update", r.id, "; ".join(refusals), desired=r, live=live,
+                           changes=tuple(refused_fields + changes), refused="; ".join(refusals))]
         if changes:
             return [Action("update", r.id, f"grow {format_bytes(cap)} -> {format_bytes(d['capacity'])} in place",
                            desired=r, live=live, changes=tuple(changes))]
@@ -447,6 +453,10 @@ def _compare_vm(d: dict, declared: frozenset, l: dict, ctx: PlanContext, running
     return ch
 
 
+# Fields the running view does not compare: their config-view mode is final.
+_CONFIG_VIEW_ONLY = ("spec.memory", "spec.description")
+
+
 def _effective_max(spec: dict, key_max: str, key: str) -> int | None:
     return spec.get(key_max) or spec.get(key)
 
@@ -472,6 +482,17 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
     else:
         mm = mv = None
     cfg_changes = _compare_vm(d, r.declared, config, ctx, running, mm, mv)
+    run_changes = _compare_vm(d, r.declared, run_spec, ctx, True, mm, mv, view="running") \
+        if run_spec is not None else []
+    if run_spec is not None:
+        # Drift in the persistent definition alone (`virsh setvcpus --config`, `detach-disk --config`)
+        # while the running VM already matches: only the definition is rewritten. Neither a restart
+        # nor a hot-plug (which would find the device already there) is wanted. Memory is compared in
+        # the config view only (the balloon is the guest's), so its own mode stands.
+        run_paths = {c.path for c in run_changes}
+        cfg_changes = [FieldChange(c.path, c.before, c.after, "config")
+                       if c.mode in ("live", "restart") and c.path not in run_paths and c.path not in _CONFIG_VIEW_ONLY
+                       else c for c in cfg_changes]
 
     replace = [c for c in cfg_changes if c.mode == "replace"]
     if replace:
@@ -490,7 +511,7 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
     restart_fields: list[str] = [c.path for c in changes if c.mode == "restart"]
     if run_spec is not None:
         cfg_paths = {c.path for c in changes}
-        for c in _compare_vm(d, r.declared, run_spec, ctx, True, mm, mv, view="running"):
+        for c in run_changes:
             if c.path in cfg_paths or c.mode == "replace":
                 continue
             if c.mode == "live":

@@ -374,6 +374,12 @@ def interface_matches(want: dict, el: ET.Element) -> bool:
     return True
 
 
+def disk_source(disk_xml: str) -> str | None:
+    """The file (or device) of one <disk> element's XML."""
+    e = _disk_entry(ET.fromstring(disk_xml))
+    return e["path"] if e else None
+
+
 def find_disk_xml(xml: str, target: str) -> str | None:
     """The <disk> element of a target in a domain's XML, as libvirt wants it for detach."""
     root = ET.fromstring(xml)

@@ -339,13 +339,15 @@ class LibvirtProvider:
             fresh = False
         if spec["autostart"]:
             dom.setAutostart(1)
+        forced = None
         if fresh and spec["state"] == "running":
             dom.create()  # a domain defined a moment ago is shut off: no need to ask
         elif not (fresh and spec["state"] == "shutoff"):
-            self._set_state(dom, spec["state"], o)
-        return f"defined and {spec['state']}"
+            forced = self._set_state(dom, spec["state"], o)
+        return f"defined and {spec['state']}" + (f" ({forced})" if forced else "")
 
-    def _set_state(self, dom: libvirt.virDomain, want: str, o: Options) -> None:
+    def _set_state(self, dom: libvirt.virDomain, want: str, o: Options) -> str | None:
+        """Bring the VM to `want`; returns the forced power-off note of _shutdown, if any."""
         state = dom.state()[0]
         active = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
         if want in ("running", "paused") and not active:
@@ -356,10 +358,12 @@ class LibvirtProvider:
         elif want == "running" and state == libvirt.VIR_DOMAIN_PAUSED:
             dom.resume()
         elif want == "shutoff" and active:
-            self._shutdown(dom, o.shutdown_timeout)
+            return self._shutdown(dom, o.shutdown_timeout)
+        return None
 
-    def _shutdown(self, dom: libvirt.virDomain, timeout: float) -> None:
-        """Graceful shutdown, then forced off once `timeout` seconds have passed."""
+    def _shutdown(self, dom: libvirt.virDomain, timeout: float) -> str | None:
+        """Graceful shutdown, then forced off once `timeout` seconds have passed.
+        Returns a note for the result message when the VM had to be forced off, else None."""
         try:
             if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 dom.resume()
@@ -369,44 +373,71 @@ class LibvirtProvider:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not dom.isActive():
-                return
+                return None
             time.sleep(0.2)
         if dom.isActive():
             dom.destroy()
+            # An operator must see that the guest was powered off without its consent.
+            return f"forced off: the guest did not shut down within {timeout:g}s"
+        return None
 
     def _update_VirtualMachine(self, a: Action, o: Options) -> str:
         spec, declared = a.desired.spec, a.desired.declared
         dom = self.conn.lookupByName(a.id.name)
-        notes = []
+        notes: list[str] = []
+        failures: list[str] = []
+        failed: set[str] = set()
         active = bool(dom.isActive())
         by_path = {c.path: c for c in a.changes}
         live_changes = [c for c in a.changes if c.mode == "live"]
+
+        def attempt(paths: list[str], fn, *args) -> None:
+            # One field libvirt refuses must not keep the others from being applied: each part is
+            # tried, and the action fails at the end naming what did not go through.
+            try:
+                note = fn(*args)
+            except (libvirt.libvirtError, ApplyError) as e:
+                failures.append(f"{', '.join(paths)}: {_msg(e) if isinstance(e, libvirt.libvirtError) else e}")
+                failed.update(paths)
+                return
+            if isinstance(note, list):
+                notes.extend(note)
+            elif note:
+                notes.append(note)
+
         if active:
             for c in live_changes:
                 if c.path == "spec.memory":
-                    _live_and_config(dom.setMemoryFlags, spec["memory"] // 1024)
+                    attempt([c.path], _live_and_config, dom.setMemoryFlags, spec["memory"] // 1024)
                 elif c.path == "spec.vcpus":
-                    _live_and_config(dom.setVcpusFlags, spec["vcpus"])
+                    attempt([c.path], _live_and_config, dom.setVcpusFlags, spec["vcpus"])
                 elif c.path.startswith("spec.disks["):
-                    notes += self._hot_disk(dom, c, spec)
+                    attempt([c.path], self._hot_disk, dom, c, spec)
         if "spec.description" in by_path:
             flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, spec["description"] or None, None, None, flags)
+            attempt(["spec.description"], dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_DESCRIPTION,
+                    spec["description"] or None, None, None, flags)
         if {"metadata.labels", "metadata.managed", "metadata.scope"} & set(by_path):
             flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels), o.scope),
-                            domxml.NS_PREFIX, domxml.NS, flags)
+            attempt([p for p in by_path if p.startswith("metadata.")], dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                    domxml.owner_xml(dict(a.desired.labels), o.scope), domxml.NS_PREFIX, domxml.NS, flags)
         config_changes = [c for c in a.changes if c.mode in ("config", "restart")]
         if config_changes:
-            cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            new = domxml.patch_domain(cfg, spec, declared, dict(a.desired.labels), self._disk_sources(spec), o.scope)
-            self.conn.defineXML(new)
-            if active and any(c.mode == "restart" for c in config_changes):
-                notes.append("restart required for " + ", ".join(c.path for c in config_changes if c.mode == "restart"))
+            def define() -> str | None:
+                cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                new = domxml.patch_domain(cfg, spec, declared, dict(a.desired.labels), self._disk_sources(spec),
+                                          o.scope)
+                self.conn.defineXML(new)
+                restart = [c.path for c in config_changes if c.mode == "restart"]
+                return "restart required for " + ", ".join(restart) if active and restart else None
+            attempt([c.path for c in config_changes], define)
         if "spec.autostart" in by_path:
-            dom.setAutostart(1 if spec["autostart"] else 0)
+            attempt(["spec.autostart"], dom.setAutostart, 1 if spec["autostart"] else 0)
         if "spec.state" in by_path:
-            self._set_state(dom, spec["state"], o)
+            attempt(["spec.state"], self._set_state, dom, spec["state"], o)
+        done = [c.path for c in a.changes if c.path not in failed]
+        if failures:
+            raise ApplyError("; ".join(failures) + (f" (applied: {', '.join(done)})" if done else ""))
         return "updated " + ", ".join(c.path for c in a.changes) + (f" ({'; '.join(notes)})" if notes else "")
 
     def _hot_disk(self, dom: libvirt.virDomain, c, spec: dict) -> list[str]:
@@ -416,6 +447,16 @@ class LibvirtProvider:
             d = next(x for x in spec["disks"] if x["target"] == target)
             path, fmt = self._disk_sources(spec)[target]
             xml = ET.tostring(domxml.disk_element(d, path, fmt), encoding="unicode")
+            running = domxml.find_disk_xml(dom.XMLDesc(0), target)
+            if running is not None:
+                # The running VM holds the target already (changed by hand since the plan was made):
+                # the same file needs only the definition, another file is not ours to unplug.
+                if domxml.disk_source(running) != path:
+                    raise ApplyError(f"{target} of the running VM holds {domxml.disk_source(running)}, not {path}; "
+                                     "detach it or restart the VM")
+                if not in_config:
+                    dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+                return []
             flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | (0 if in_config else libvirt.VIR_DOMAIN_AFFECT_CONFIG)
             dom.attachDeviceFlags(xml, flags)
             return []
@@ -437,17 +478,16 @@ class LibvirtProvider:
     def _restart_VirtualMachine(self, a: Action, o: Options) -> str:
         dom = self.conn.lookupByName(a.id.name)
         paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
-        self._shutdown(dom, o.shutdown_timeout)
+        forced = self._shutdown(dom, o.shutdown_timeout)
         dom.create()
         if paused or a.desired.spec["state"] == "paused":
             dom.suspend()
-        return "restarted for " + ", ".join(a.fields)
+        return "restarted for " + ", ".join(a.fields) + (f" ({forced})" if forced else "")
 
     def _replace_VirtualMachine(self, a: Action, o: Options) -> str:
         dom = self.conn.lookupByName(a.id.name)
         uuid = dom.UUIDString()
-        if dom.isActive():
-            self._shutdown(dom, o.shutdown_timeout)
+        forced = self._shutdown(dom, o.shutdown_timeout) if dom.isActive() else None
         spec = a.desired.spec
         xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), uuid=uuid,
                                   scope=o.scope)
@@ -455,7 +495,8 @@ class LibvirtProvider:
         dom = self.conn.defineXML(xml)
         dom.setAutostart(1 if spec["autostart"] else 0)
         self._set_state(dom, spec["state"], o)
-        return f"redefined with the same UUID {uuid} for " + ", ".join(c.path for c in a.changes if c.mode == "replace")
+        return f"redefined with the same UUID {uuid} for " + ", ".join(c.path for c in a.changes if c.mode == "replace") \
+            + (f" ({forced})" if forced else "")
 
     def _delete_VirtualMachine(self, a: Action, o: Options) -> str:
         dom = self._lookup(a.id.name)
