@@ -23,7 +23,9 @@ def test_systemd_units_verify(tmp_path):
     exe = Path(sys.executable).with_name("reconciler")
     assert exe.exists()
     for name in UNITS:
-        text = (CONTRIB / "systemd" / name).read_text().replace("/usr/local/bin/reconciler", str(exe))
+        text = (CONTRIB / "systemd" / name).read_text() \
+            .replace("/usr/local/bin/reconciler-pull-verified", str(CONTRIB / "pull" / "reconciler-pull-verified")) \
+            .replace("/usr/local/bin/reconciler ", f"{exe} ")
         (tmp_path / name).write_text(text)
     p = subprocess.run(["systemd-analyze", "verify", *[str(tmp_path / n) for n in UNITS]],
                        capture_output=True, text=True, timeout=60)
@@ -32,8 +34,9 @@ def test_systemd_units_verify(tmp_path):
 
 def test_units_pull_then_apply_and_timer_never_overlaps():
     service = (CONTRIB / "systemd" / "reconciler-pull.service").read_text()
-    assert re.search(r"^ExecStartPre=-/usr/bin/git -C \S+ pull --ff-only", service, re.M)
-    assert re.search(r"^ExecStart=/usr/local/bin/reconciler apply .*--metrics-file ", service, re.M)
+    # The pull is reconciler-pull-verified's (signed commits only: tests/test_pull_verify.py).
+    assert re.search(r"^ExecStart=/usr/local/bin/reconciler-pull-verified .* -- /usr/local/bin/reconciler apply .*--metrics-file ",
+                     service, re.M)
     assert "Type=oneshot" in service
     timer = (CONTRIB / "systemd" / "reconciler-pull.timer").read_text()
     assert "OnUnitInactiveSec=" in timer and "WantedBy=timers.target" in timer
