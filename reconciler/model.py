@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 # The kinds themselves (names, creation order, targets) are listed once: reconciler/kinds/registry.py.
-VERBS = ("create", "update", "delete", "restart", "replace")
+VERBS = ("create", "update", "delete", "restart", "replace", "restore")
 
 
 @dataclass(frozen=True, order=True)

@@ -42,7 +42,8 @@ def plan(desired: list[Resource], snapshot: Snapshot, options: Options = Options
                 prunes.append(Action("delete", lid, "managed, and no manifest declares it (--prune)", live=live))
             else:
                 orphans.append((lid, "managed, and no manifest declares it: kept (use --prune to delete)"))
-        elif lid.kind == "Disk" and live.spec.get("pool") in {r.id.name for r in desired if r.id.kind == "StoragePool"}:
+        elif lid.kind == "Disk" and not live.facts.get("backup") \
+                and live.spec.get("pool") in {r.id.name for r in desired if r.id.kind == "StoragePool"}:
             orphans.append((lid, "in a declared pool but no manifest declares it: kept (disks are deleted only by state: absent)"))
 
     if options.prune and prunes:

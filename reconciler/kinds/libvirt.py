@@ -461,11 +461,23 @@ def _effective_max(spec: dict, key_max: str, key: str) -> int | None:
     return spec.get(key_max) or spec.get(key)
 
 
+def _snapshots_block(vm: str, ctx: PlanContext) -> str | None:
+    """Deleting a VM drops libvirt's metadata of its snapshots and orphans their data: refused while it has
+    any that are not declared absent in the same plan (those are deleted first)."""
+    left = sorted(sid.name for sid, s in ctx.objects.items()
+                  if sid.kind == "Snapshot" and s.facts.get("domain") == vm and not s.facts.get("vanished")
+                  and not (sid in ctx.desired and ctx.desired[sid].spec.get("state") == "absent"))
+    if not left:
+        return None
+    return (f"VM {vm} still has snapshot(s) {', '.join(left)}: declare them (kind Snapshot) with state: absent "
+            f"to delete them first")
+
+
 def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
     d = r.spec
     needs = tuple(ResourceId("Disk", x["disk"]) for x in d["disks"] if "disk" in x)
     if d["state"] == "absent":
-        return _absent(r, live)
+        return _absent(r, live, _snapshots_block(r.id.name, ctx) if live else None)
     if live is None:
         return [Action("create", r.id, "domain does not exist", desired=r, needs=needs,
                        changes=(FieldChange("spec.state", None, d["state"], "live"),))]

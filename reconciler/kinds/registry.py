@@ -14,6 +14,7 @@ and one line in KINDS below (its position is its creation order; deletions run i
 """
 from __future__ import annotations
 
+from .backup import BackupPolicyRules, RestoreRules, SnapshotRules
 from .libvirt import DiskRules, StoragePoolRules, VirtualMachineRules
 from .mqtt import MqttClientRules, MqttGroupRules, MqttRoleRules, TopicRules
 
@@ -21,6 +22,9 @@ KINDS = (
     StoragePoolRules,
     DiskRules,
     VirtualMachineRules,
+    SnapshotRules,         # after its VM; deleted before it
+    RestoreRules,          # after Snapshots are taken, before a backup copies the result
+    BackupPolicyRules,
     MqttRoleRules,
     MqttGroupRules,
     MqttClientRules,

@@ -91,7 +91,7 @@ def parse_domain(xml: str) -> dict[str, Any]:
         "description": desc,
     }
     return {"name": _text(root.find("name")), "uuid": _text(root.find("uuid")), "spec": spec,
-            "labels": labels, "managed": managed, "scope": scope}
+            "labels": labels, "managed": managed, "scope": scope, "records": parse_records(root)}
 
 
 def _disk_entry(d: ET.Element) -> dict | None:
@@ -431,4 +431,61 @@ def build_volume(name: str, capacity: int, fmt: str, backing: tuple[str, str] | 
         b = ET.SubElement(root, "backingStore")
         ET.SubElement(b, "path").text = backing[0]
         ET.SubElement(b, "format", {"type": backing[1]})
+    return ET.tostring(root, encoding="unicode")
+
+
+# --------------------------------------------------------------------------- backup records on the marker
+
+# What the reconciler did to a domain that must outlive a run: the snapshots it took (so a vanished one is
+# reported, never retaken) and the restores it ran (so each runs once). Kept in its own metadata element
+# beside the owner marker, so that a labels or scope update (which rewrites the owner) never drops them.
+RECORDS_NS = "https://reconciler.dev/xmlns/records/v1"
+RECORDS_PREFIX = "reconciler-records"
+ET.register_namespace(RECORDS_PREFIX, RECORDS_NS)
+
+
+def parse_records(root: ET.Element) -> dict:
+    """{"snapshots": {name: {memory, taken}}, "restores": {name: {done, source}}} from a domain's XML."""
+    out: dict = {"snapshots": {}, "restores": {}}
+    el = root.find(f"metadata/{{{RECORDS_NS}}}records")
+    if el is None:
+        return out
+    for s in el.findall(f"{{{RECORDS_NS}}}snapshot"):
+        out["snapshots"][s.get("name", "")] = {"memory": s.get("memory") == "true", "taken": int(s.get("taken", "0"))}
+    for r in el.findall(f"{{{RECORDS_NS}}}restore"):
+        out["restores"][r.get("name", "")] = {"done": int(r.get("done", "0")), "source": r.get("source", "")}
+    return out
+
+
+def records_of(xml: str) -> dict:
+    return parse_records(ET.fromstring(xml))
+
+
+def _records_element(records: dict, tag: str) -> ET.Element:
+    el = ET.Element(tag)
+    ns = tag[:-len("records")]
+    for name in sorted(records.get("snapshots", {})):
+        s = records["snapshots"][name]
+        ET.SubElement(el, f"{ns}snapshot", {"name": name, "memory": "true" if s["memory"] else "false",
+                                            "taken": str(int(s["taken"]))})
+    for name in sorted(records.get("restores", {})):
+        r = records["restores"][name]
+        ET.SubElement(el, f"{ns}restore", {"name": name, "done": str(int(r["done"])), "source": r.get("source", "")})
+    return el
+
+
+def records_xml(records: dict) -> str:
+    """The records element for virDomainSetMetadata (without a namespace: libvirt adds its own)."""
+    return ET.tostring(_records_element(records, "records"), encoding="unicode")
+
+
+def with_records(xml: str, records: dict) -> str:
+    """A domain's XML with its records element replaced (to redefine a domain after a revert)."""
+    root = ET.fromstring(xml)
+    meta = root.find("metadata")
+    if meta is None:
+        meta = ET.SubElement(root, "metadata")
+    for old in meta.findall(f"{{{RECORDS_NS}}}records"):
+        meta.remove(old)
+    meta.append(_records_element(records, f"{{{RECORDS_NS}}}records"))
     return ET.tostring(root, encoding="unicode")

@@ -163,12 +163,15 @@ class LibvirtProvider:
             described = [j.result() for j in dom_jobs]
 
         self.domain_users = {}
+        self.domain_records: dict[str, dict] = {}   # domain -> snapshots taken and restores run
         for name, parsed, live_spec in described:
             state = "running" if name in running else "paused" if name in paused else "shutoff"
             facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"],
                                      "scope": parsed["scope"]}
             if live_spec is not None:
                 facts["running_spec"] = live_spec
+            if any(parsed.get("records", {}).values()):
+                self.domain_records[name] = parsed["records"]   # read by providers/libvirt/backup.py
             for d in parsed["spec"]["disks"]:
                 if d["path"]:
                     self.domain_users.setdefault(d["path"], []).append((name, d["target"], state))
