@@ -105,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--all", action="store_true", help="include objects the reconciler does not manage (adopts them)")
     e.add_argument("--kind", choices=KINDS, action="append", help="only this kind (repeatable)")
     _common(e)
+
+    from .backups import add_arguments as backups_flags
+    backups_flags(sub.add_parser("backups", help="list the backups in the host's pools (time, size, VM, disks)"))
     return ap
 
 
@@ -188,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "backups":
+            from .backups import run_backups
+            return run_backups(args)
         if args.command == "plan":
             return cmd_plan_apply(args, apply=False)
         if args.command == "apply":
