@@ -205,3 +205,181 @@ def test_refused_shrink_lists_its_field(qemu_uri, prefix, pool_dir, tmp_path):
     assert p.code == 1, p.out + p.err
     (change,) = p.json["changes"]
     assert change["fields"] == ["spec.capacity"], change
+
+
+# --------------------------------------------------------------------------- a host that changes during the read
+
+CHURN = r"""
+import sys, time, libvirt
+libvirt.registerErrorHandler(lambda *a: None, None)
+uri, prefix, pool_dir, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+conn = libvirt.open(uri)
+pool = conn.storagePoolLookupByName(prefix + "churn")
+dom_xml = "<domain type='qemu'><name>{}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>" \
+          "<os><type arch='x86_64'>hvm</type></os></domain>"
+pool_xml = "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>"
+vol_xml = "<volume><name>{}</name><capacity unit='KiB'>64</capacity><target><format type='raw'/></target></volume>"
+n = errors = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    n += 1
+    try:
+        vols = [pool.createXML(vol_xml.format(f"{prefix}v{n}-{i}"), 0) for i in range(3)]
+        dom = conn.defineXML(dom_xml.format(f"{prefix}churn{n}"))
+        p = conn.storagePoolCreateXML(pool_xml.format(f"{prefix}tp{n}", pool_dir), 0)
+        for v in vols:
+            v.delete(0)
+        dom.undefine()
+        p.destroy()
+    except libvirt.libvirtError as e:
+        errors += 1
+        print("churn error:", e, file=sys.stderr)
+print(n, errors)
+"""
+
+
+def test_objects_vanishing_during_the_read_never_fail_a_plan(qemu_uri, prefix, pool_dir, tmp_path):
+    import sys
+    m = write(tmp_path / "m" / "node.yaml", *node(prefix, pool_dir, extra_vm={"state": "shutoff"}))
+    apply_twice(m, qemu_uri)
+    # An unrelated pool where another tool creates and deletes volumes, domains and transient pools.
+    churn_dir = f"{pool_dir}-churn"
+    os.makedirs(churn_dir)
+    virsh(qemu_uri, "pool-define-as", f"{prefix}churn", "dir", "--target", churn_dir)
+    virsh(qemu_uri, "pool-start", f"{prefix}churn")
+    tp_dir = f"{pool_dir}-tp"
+    os.makedirs(tp_dir)
+    script = tmp_path / "churn.py"
+    script.write_text(CHURN)
+    seconds = 90
+    churn = subprocess.Popen([sys.executable, str(script), qemu_uri, prefix, tp_dir, str(seconds)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    failures, plans = [], 0
+    try:
+        time.sleep(1)
+        while churn.poll() is None and plans < 30:
+            p = cli("plan", str(m), "--libvirt-uri", qemu_uri, "-o", "json")
+            plans += 1
+            # A failed read is exit 1. (Exit 2 would be a change the plan saw: this host is shared, and
+            # another session may stop a pool for a moment; that is a true answer, not a failure.)
+            if p.code not in (0, 2) or "error" in p.json:
+                failures.append(p.out + p.err)
+    finally:
+        out, err = churn.communicate(timeout=seconds + 60)
+    rounds, churn_errors = map(int, out.split())
+    assert churn_errors == 0, err
+    assert plans >= 10 and rounds >= 50, (plans, rounds)   # the read really overlapped the churn
+    assert failures == [], failures[:3]
+    subprocess.run(["rm", "-rf", churn_dir, tp_dir])
+
+
+# --------------------------------------------------------------------------- paths QEMU cannot reach
+
+def _acl_xattr(entries: list[tuple[int, int, int]]) -> bytes:
+    import struct
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, i) for t, p, i in entries)
+
+
+def _home0700(pool_dir: str):
+    """A fresh 0700 folder like a Debian home, under a base QEMU can pass (pytest's tmp_path is 0700 itself)."""
+    from pathlib import Path
+    base = Path(pool_dir)
+    base.mkdir(mode=0o755)
+    home = base / "home0700"
+    home.mkdir()
+    os.chmod(home, 0o700)
+    return home
+
+
+def test_search_permission_follows_mode_bits_and_posix_acls(prefix, pool_dir):
+    import pwd
+    from reconciler.providers.libvirt.hostaccess import first_blocked, hypervisor_identity, is_local_system
+    name, uid, gids = hypervisor_identity()
+    assert name == pwd.getpwuid(uid).pw_name == "libvirt-qemu"     # Debian's default, qemu.conf all comments
+    home = _home0700(pool_dir)
+    deep = home / "clone" / ".run" / "pools" / "p"
+    deep.mkdir(parents=True)
+    b = first_blocked(str(deep), uid, gids)
+    assert b is not None and b.dir == str(home) and b.mode == 0o700 and b.owner == "root"
+    # A folder that does not exist yet is libvirt's to create: only existing ancestors count.
+    assert first_blocked(str(home / "nope" / "pool"), uid, gids).dir == str(home)
+    os.chmod(home, 0o701)
+    assert first_blocked(str(deep), uid, gids) is None
+    # What virt-manager does instead of chmod: a named-user ACL entry with x (and a mask allowing it).
+    os.chmod(home, 0o700)
+    USER_OBJ, USER, GROUP_OBJ, MASK, OTHER = 1, 2, 4, 0x10, 0x20
+    os.setxattr(home, "system.posix_acl_access",
+                _acl_xattr([(USER_OBJ, 7, 0xFFFFFFFF), (USER, 1, uid), (GROUP_OBJ, 0, 0xFFFFFFFF),
+                            (MASK, 1, 0xFFFFFFFF), (OTHER, 0, 0xFFFFFFFF)]))
+    assert first_blocked(str(deep), uid, gids) is None
+    # The mask limits named entries: mask without x denies again.
+    os.setxattr(home, "system.posix_acl_access",
+                _acl_xattr([(USER_OBJ, 7, 0xFFFFFFFF), (USER, 1, uid), (GROUP_OBJ, 0, 0xFFFFFFFF),
+                            (MASK, 0, 0xFFFFFFFF), (OTHER, 0, 0xFFFFFFFF)]))
+    assert first_blocked(str(deep), uid, gids).dir == str(home)
+    assert is_local_system("qemu:///system") and is_local_system("qemu+unix:///system")
+    assert not any(is_local_system(u) for u in ("test:///default", "qemu+ssh://root@edge-1/system",
+                                                 "qemu:///session", "test+unix:///default"))
+
+
+def _unreachable_node(prefix: str, home) -> tuple[list[dict], str]:
+    pool_path = str(home / "clone" / ".run" / "pools" / f"{prefix}pool")
+    docs = node(prefix, pool_path)
+    return docs, pool_path
+
+
+def _nothing_made(uri: str, prefix: str, pool_path: str) -> None:
+    assert prefix not in virsh(uri, "list", "--all", "--name")
+    assert f"{prefix}pool" not in virsh(uri, "pool-list", "--all", "--name")
+    assert not os.path.exists(pool_path)
+
+
+def test_plan_refuses_a_pool_qemu_cannot_reach_in_process(qemu_uri, prefix, pool_dir):
+    """The provider's fact and the kind's rule, as run.reconcile wires them (consider, read, plan)."""
+    from reconciler import planner
+    from reconciler.kinds import KIND_RULES
+    from reconciler.model import Options, Resource, ResourceId
+    from reconciler.providers.libvirt import LibvirtProvider
+    home = _home0700(pool_dir)
+    docs, pool_path = _unreachable_node(prefix, home)
+    resources = [Resource(ResourceId(d["kind"], d["metadata"]["name"]), KIND_RULES[d["kind"]].normalise(d["spec"]),
+                          declared=frozenset(d["spec"])) for d in docs]
+    p = LibvirtProvider(qemu_uri)
+    try:
+        p.consider(resources)
+        plan = planner.plan(resources, p.read(frozenset({"StoragePool", "Disk", "VirtualMachine"})), Options())
+    finally:
+        p.close()
+    refused = {str(a.id): a.refused for a in plan.actions if a.refused}
+    assert set(refused) == {f"StoragePool/{prefix}pool", f"Disk/{prefix}root", f"Disk/{prefix}data",
+                            f"VirtualMachine/{prefix}vm"}, refused
+    msg = refused[f"StoragePool/{prefix}pool"]
+    assert f"QEMU runs as libvirt-qemu, which cannot reach the pool's folder ({pool_path})" in msg
+    assert f"{home} (mode 0700, owner root)" in msg and f"setfacl -m u:libvirt-qemu:x {home}" in msg
+    _nothing_made(qemu_uri, prefix, pool_path)
+    # test:/// is never checked (its pools are not QEMU's).
+    t = LibvirtProvider("test:///default")
+    try:
+        t.consider(resources)
+        assert "hypervisor_access" not in t.read(frozenset()).context
+    finally:
+        t.close()
+
+
+@pytest.mark.xfail(strict=True, reason="needs run.reconcile to call provider.consider(resources) before the read "
+                                       "(lead's file; the one-line hook is in the issue-10 helper report)")
+def test_plan_refuses_a_pool_qemu_cannot_reach(qemu_uri, prefix, pool_dir):
+    home = _home0700(pool_dir)
+    docs, pool_path = _unreachable_node(prefix, home)
+    m = write(home.parent / "m" / "node.yaml", *docs)
+    p = cli("plan", str(m), "--libvirt-uri", qemu_uri)
+    assert p.code == 1, p.out + p.err
+    assert f"which cannot reach the pool's folder ({pool_path})" in p.out + p.err
+    assert f"setfacl -m u:libvirt-qemu:x {home}" in p.out + p.err
+    a = cli("apply", str(m), "--libvirt-uri", qemu_uri)
+    assert a.code == 1 and "changed=0" in a.recap, a.out + a.err
+    _nothing_made(qemu_uri, prefix, pool_path)
+    # The fix the message gives (search permission for others, as chmod o+x does) lets it through.
+    os.chmod(home, 0o701)
+    apply_twice(m, qemu_uri)
+    assert virsh(qemu_uri, "domstate", f"{prefix}vm").strip() == "running"

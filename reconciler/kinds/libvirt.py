@@ -3,7 +3,8 @@ declared specs, the references they make, and classifying desired vs live into a
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from ..model import Action, FieldChange, Live, Resource, ResourceId
 from .context import PlanContext
@@ -20,6 +21,57 @@ def show(path: str, value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and path.endswith(("memory", "Memory", "capacity")):
         return format_bytes(value)
     return value
+
+
+# --------------------------------------------------------------------------- can QEMU reach a path?
+
+@dataclass(frozen=True)
+class Blocked:
+    """A directory the hypervisor's user may not search (x), on the way to a path of interest."""
+    dir: str
+    mode: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class HypervisorAccess:
+    """Host fact (the provider reads it, on a local qemu:///system only): the user QEMU runs as and,
+    per directory of interest (pool folders, folders of declared files), the ancestor it cannot pass."""
+    user: str
+    blocked: Mapping[str, Blocked] = field(default_factory=dict)
+
+
+ACCESS_FACT = "hypervisor_access"
+
+
+def unreachable(ctx: PlanContext, directory: str | None, what: str) -> str | None:
+    """The refusal for `what` when QEMU cannot reach `directory`, or None (reachable, or not known)."""
+    access = ctx.context.get(ACCESS_FACT)
+    if access is None or not directory:
+        return None
+    b = access.blocked.get(os.path.normpath(directory))
+    if b is None:
+        return None
+    return (f"QEMU runs as {access.user}, which cannot reach {what} ({directory}): {b.dir} (mode {b.mode:04o}, "
+            f"owner {b.owner}) does not let it pass. Grant search permission with "
+            f"`setfacl -m u:{access.user}:x {b.dir}` (or `chmod o+x {b.dir}`), "
+            "or keep images under /var/lib/libvirt/images")
+
+
+def paths_of_interest(kind: str, spec: Mapping) -> list[str]:
+    """The directories a declared object makes QEMU reach: what the provider checks access to."""
+    out = []
+    if kind == "StoragePool" and spec.get("state", "present") == "present":
+        out.append(spec["path"])
+    elif kind == "Disk":
+        b = spec.get("backingStore") or {}
+        if "path" in b:
+            out.append(os.path.dirname(b["path"]))
+    elif kind == "VirtualMachine":
+        out += [os.path.dirname(d["path"]) for d in spec.get("disks", ()) if d.get("path")]
+        k = spec.get("kernel") or {}
+        out += [os.path.dirname(k[f]) for f in ("path", "initrd") if isinstance(k.get(f), str)]
+    return out
 
 
 def _noop(r: Resource, live: Live | None, reason: str) -> Action:
@@ -78,7 +130,8 @@ class StoragePoolRules:
             return _absent(r, live, blocked)
         if live is None:
             return [Action("create", r.id, "pool does not exist", desired=r,
-                           changes=(FieldChange("spec.path", None, d["path"], "config"),))]
+                           changes=(FieldChange("spec.path", None, d["path"], "config"),),
+                           refused=unreachable(ctx, d["path"], "the pool's folder"))]
         changes = []
         if live.spec.get("path") != d["path"]:
             return [Action("update", r.id, "path differs", desired=r, live=live,
@@ -198,8 +251,11 @@ class DiskRules:
             needs = [ResourceId("StoragePool", d["pool"])]
             if d["backingStore"] and "disk" in d["backingStore"]:
                 needs.append(ResourceId("Disk", d["backingStore"]["disk"]))
+            backing = (d["backingStore"] or {}).get("path")
+            refused = unreachable(ctx, pool_path(ctx, d["pool"]), f"the folder of pool {d['pool']!r}") or \
+                (unreachable(ctx, os.path.dirname(backing), "the backing file's folder") if backing else None)
             return [Action("create", r.id, "disk does not exist", desired=r, needs=tuple(needs),
-                           changes=(FieldChange("spec.capacity", None, d["capacity"], "config"),))]
+                           changes=(FieldChange("spec.capacity", None, d["capacity"], "config"),), refused=refused)]
         l = live.spec
         refusals = []
         # A refused change still names its field, so that output and JSON say what was refused.
@@ -453,6 +509,23 @@ def _compare_vm(d: dict, declared: frozenset, l: dict, ctx: PlanContext, running
     return ch
 
 
+def _unreachable_disks(ctx: PlanContext, d: dict, targets: set | None) -> str | None:
+    """The refusal for the first declared disk (of `targets`, or all) whose folder QEMU cannot reach."""
+    for t, x in _resolve_disks(ctx, d["disks"]).items():
+        if targets is not None and t not in targets:
+            continue
+        why = unreachable(ctx, os.path.dirname(x["path"]) if x["path"] else None, f"the folder of disk {t}")
+        if why:
+            return why
+    k = d.get("kernel") or {}
+    for f in ("path", "initrd"):
+        if isinstance(k.get(f), str):
+            why = unreachable(ctx, os.path.dirname(k[f]), f"the folder of the kernel's {f}")
+            if why:
+                return why
+    return None
+
+
 # Fields the running view does not compare: their config-view mode is final.
 _CONFIG_VIEW_ONLY = ("spec.memory", "spec.description")
 
@@ -478,9 +551,11 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
     needs = tuple(ResourceId("Disk", x["disk"]) for x in d["disks"] if "disk" in x)
     if d["state"] == "absent":
         return _absent(r, live, _snapshots_block(r.id.name, ctx) if live else None)
+    starts = d["state"] in ("running", "paused")
     if live is None:
         return [Action("create", r.id, "domain does not exist", desired=r, needs=needs,
-                       changes=(FieldChange("spec.state", None, d["state"], "live"),))]
+                       changes=(FieldChange("spec.state", None, d["state"], "live"),),
+                       refused=_unreachable_disks(ctx, d, None) if starts else None)]
 
     config = live.spec
     state = live.facts.get("state", "shutoff")
@@ -539,8 +614,15 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
 
     if changes:
         modes = sorted({c.mode for c in changes})
+        # Starting the VM, or giving it a disk, makes QEMU open files: refused when it cannot reach them.
+        refused = None
+        if starts and any(c.path == "spec.state" for c in changes):
+            refused = _unreachable_disks(ctx, d, None)
+        elif starts and running:
+            refused = _unreachable_disks(ctx, d, {c.path[len("spec.disks["):-1] for c in changes
+                                                  if c.path.startswith("spec.disks[") and c.after is not None})
         actions.append(Action("update", r.id, "in place (" + ", ".join(modes) + "): " + ", ".join(c.path for c in changes),
-                              desired=r, live=live, changes=tuple(changes), needs=needs))
+                              desired=r, live=live, changes=tuple(changes), needs=needs, refused=refused))
     if restart_fields and want_state in ("running", "paused") and running:
         held = None if ctx.options.allow_restart else "restart required: rerun with --allow-restart"
         actions.append(Action("restart", r.id, "restart required for " + ", ".join(restart_fields),

@@ -34,6 +34,17 @@ def _msg(e: libvirt.libvirtError) -> str:
     return e.get_error_message() or str(e)
 
 
+# What libvirt says of an object that was listed a moment ago and is gone now (another tool deleted it).
+GONE = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL)
+
+
+_POOL_STOPPED = object()  # sentinel: a volume whose pool stopped during the read
+
+
+def _vanished(e: libvirt.libvirtError) -> bool:
+    return e.get_error_code() in GONE
+
+
 def _live_and_config(call, *args) -> None:
     """Change the running VM and its definition in one call where the driver allows it, else in two."""
     try:
@@ -57,6 +68,8 @@ class LibvirtProvider:
         # Filled by read(), kept current by apply(): what apply needs to resolve names.
         self.volumes: dict[str, dict] = {}      # disk name -> parsed volume + pool
         self.domain_users: dict[str, list] = {}  # volume path -> [(domain name, target)]
+        # Folders the declared objects make QEMU reach (consider()); read() checks QEMU can.
+        self._folders: set[str] = set()
 
     def target(self) -> str:
         return f"libvirt:{self.uri}"
@@ -95,6 +108,18 @@ class LibvirtProvider:
 
     # ------------------------------------------------------------------ reading
 
+    def consider(self, resources) -> None:
+        """The declared objects of this run, before read(): their folders are checked for QEMU's access."""
+        from ...kinds.libvirt import paths_of_interest
+        self._folders = {p for r in resources for p in paths_of_interest(r.id.kind, r.spec)}
+
+    def _access(self, pools: dict[str, str]) -> dict:
+        """The host fact of kinds/libvirt.py's HypervisorAccess, for a local qemu:///system only."""
+        from .hostaccess import read_access
+        from ...kinds.libvirt import ACCESS_FACT
+        access = read_access(self.uri, self._folders | {p for p in pools.values() if p})
+        return {ACCESS_FACT: access} if access is not None else {}
+
     def read(self, kinds: frozenset[str]) -> Snapshot:
         try:
             snap = self._read()
@@ -114,26 +139,51 @@ class LibvirtProvider:
         flags = (0, libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING, libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED,
                  libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
 
-        def pool_head(pool: libvirt.virStoragePool) -> tuple:
-            active = bool(pool.isActive())
-            return (domxml.parse_pool(pool.XMLDesc(0)), active, pool.listAllVolumes(0) if active else [],
-                    bool(pool.autostart()))
+        # The host is shared: between the bulk list and an object's own calls, another tool may delete
+        # it. Such an object is read as gone (None below), never as a failed read.
+        def pool_head(pool: libvirt.virStoragePool) -> tuple | None:
+            try:
+                active = bool(pool.isActive())
+                info, autostart = domxml.parse_pool(pool.XMLDesc(0)), bool(pool.autostart())
+                try:
+                    vols = pool.listAllVolumes(0) if active else []
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                        raise
+                    active, vols = False, []   # stopped since it was listed
+                return info, active, vols, autostart
+            except libvirt.libvirtError as e:
+                if _vanished(e):
+                    return None
+                raise
 
-        def volume(vol: libvirt.virStorageVol) -> dict:
-            return domxml.parse_volume(vol.XMLDesc(0))
+        def volume(vol: libvirt.virStorageVol) -> Any:
+            try:
+                return domxml.parse_volume(vol.XMLDesc(0))
+            except libvirt.libvirtError as e:
+                if _vanished(e):
+                    return None
+                if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return _POOL_STOPPED   # its pool was stopped since it was listed
+                raise
 
-        def describe(dom: libvirt.virDomain) -> tuple:
+        def describe(dom: libvirt.virDomain) -> tuple | None:
             # Each XML document is fetched and parsed once, in the worker, while other workers wait on RPCs.
             name = dom.name()
-            parsed = domxml.parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            live_spec = domxml.parse_domain(dom.XMLDesc(0))["spec"] if name in active_names else None
+            try:
+                parsed = domxml.parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                live_spec = domxml.parse_domain(dom.XMLDesc(0))["spec"] if name in active_names else None
+            except libvirt.libvirtError as e:
+                if _vanished(e):
+                    return None
+                raise
             return name, parsed, live_spec
 
         # One bulk list per kind, then every per-object XMLDesc on a small pool of threads sharing the
         # one connection (libvirt-python releases the GIL during RPCs): pools, volumes and domains overlap.
         with ThreadPoolExecutor(READ_THREADS) as ex:
             lists = [ex.submit(conn.listAllDomains, f) for f in flags]
-            heads = list(ex.map(pool_head, conn.listAllStoragePools(0)))
+            heads = [h for h in ex.map(pool_head, conn.listAllStoragePools(0)) if h is not None]
             vol_jobs = [[ex.submit(volume, v) for v in vols] for _, _, vols, _ in heads]
             domains, running, paused, autostart = (f.result() for f in lists)
             running = {d.name() for d in running}
@@ -143,14 +193,18 @@ class LibvirtProvider:
             dom_jobs = [ex.submit(describe, d) for d in domains]
 
             for (info, active, vols, pool_autostart), jobs in zip(heads, vol_jobs):
+                read = [job.result() for job in jobs]
+                if any(v is _POOL_STOPPED for v in read):
+                    active = False
                 pools[info["name"]] = info["path"]
                 objects[ResourceId("StoragePool", info["name"])] = Live(
                     ResourceId("StoragePool", info["name"]),
                     {"type": info["type"], "path": (info["path"] or "").rstrip("/") or "/",
                      "autostart": pool_autostart, "state": "present"},
                     facts={"active": active, "volumes": len(vols)})
-                for job in jobs:
-                    v = job.result()
+                for v in read:
+                    if v is None or v is _POOL_STOPPED:
+                        continue
                     v["pool"] = info["name"]
                     rid = ResourceId("Disk", v["name"])
                     if rid in objects:
@@ -160,7 +214,7 @@ class LibvirtProvider:
                     objects[rid] = Live(rid, {"pool": info["name"], "capacity": v["capacity"], "format": v["format"],
                                               "backingStore": v["backingStore"], "state": "present"},
                                         facts={"path": v["path"]})
-            described = [j.result() for j in dom_jobs]
+            described = [d for d in (j.result() for j in dom_jobs) if d is not None]
 
         self.domain_users = {}
         self.domain_records: dict[str, dict] = {}   # domain -> snapshots taken and restores run
@@ -179,7 +233,7 @@ class LibvirtProvider:
                         d["disk"] = path_to_disk[d["path"]]
             rid = ResourceId("VirtualMachine", name)
             objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts)
-        return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases()})
+        return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases(), **self._access(pools)})
 
     def _machine_aliases(self) -> dict:
         """{arch: {alias: canonical}} from the host's capabilities ("pc" -> "pc-i440fx-7.2")."""
