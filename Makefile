@@ -2,10 +2,21 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 BROKER := .run/broker
-DEMO_ENV := RECONCILER_LIBVIRT_URI=qemu:///system \
-            RECONCILER_MQTT_URL=mqtt://127.0.0.1:1883 \
+# The demo broker's port on 127.0.0.1 (`make demo BROKER_PORT=18830` when 1883 is taken).
+BROKER_PORT ?= 1883
+export BROKER_PORT
+DEMO_URI := qemu:///system
+DEMO_ENV := RECONCILER_LIBVIRT_URI=$(DEMO_URI) \
+            RECONCILER_MQTT_URL=mqtt://127.0.0.1:$(BROKER_PORT) \
             RECONCILER_MQTT_USERNAME=admin \
             RECONCILER_MQTT_PASSWORD_FILE=$(BROKER)/admin.password
+# What manifests/edge-node.yaml makes (its pool lives where libvirt keeps images, so that QEMU can
+# reach it whatever folder the repository was cloned into).
+DEMO_VM := demo-gw-1
+DEMO_DISKS := demo-gw-root demo-gw-data
+DEMO_POOL := demo-edge
+DEMO_POOL_DIR := /var/lib/libvirt/images/reconciler-demo
+VIRSH := virsh -q -c $(DEMO_URI)
 
 .PHONY: setup demo test bench lint clean-demo
 
@@ -27,6 +38,28 @@ bench: setup
 lint:
 	$(PY) -m pyflakes reconciler tests 2>/dev/null || true
 
+# Removes what `make demo` made: the VM, its disks, the pool and its folder, and stops the demo
+# broker (its data stays under .run/broker). Safe to run again: what is gone already is skipped,
+# and the last lines fail loudly if anything the demo made is still there.
 clean-demo:
-	-virsh -c qemu:///system destroy demo-gw-1 2>/dev/null
-	-virsh -c qemu:///system undefine demo-gw-1 2>/dev/null
+	@if $(VIRSH) domstate $(DEMO_VM) >/dev/null 2>&1; then \
+	  $(VIRSH) destroy $(DEMO_VM) >/dev/null 2>&1 || true; \
+	  $(VIRSH) undefine $(DEMO_VM) --nvram >/dev/null 2>&1 || $(VIRSH) undefine $(DEMO_VM) >/dev/null; \
+	  echo "clean-demo: VM $(DEMO_VM) removed"; fi
+	@if $(VIRSH) pool-info $(DEMO_POOL) >/dev/null 2>&1; then \
+	  $(VIRSH) pool-start $(DEMO_POOL) >/dev/null 2>&1 || true; \
+	  for v in $(DEMO_DISKS); do \
+	    if $(VIRSH) vol-info --pool $(DEMO_POOL) $$v >/dev/null 2>&1; then \
+	      $(VIRSH) vol-delete --pool $(DEMO_POOL) $$v >/dev/null && echo "clean-demo: disk $$v removed"; fi; \
+	  done; \
+	  if [ -z "$$($(VIRSH) vol-list $(DEMO_POOL) 2>/dev/null)" ]; then \
+	    $(VIRSH) pool-destroy $(DEMO_POOL) >/dev/null 2>&1 || true; \
+	    $(VIRSH) pool-delete $(DEMO_POOL) >/dev/null 2>&1 || true; \
+	    $(VIRSH) pool-undefine $(DEMO_POOL) >/dev/null && echo "clean-demo: pool $(DEMO_POOL) removed"; \
+	  else echo "clean-demo: pool $(DEMO_POOL) kept: it holds volumes the demo did not make"; fi; fi
+	@rmdir $(DEMO_POOL_DIR) 2>/dev/null || true
+	@if [ -x $(PY) ]; then $(PY) scripts/devbroker.py stop --dir $(BROKER); \
+	  else python3 scripts/devbroker.py stop --dir $(BROKER); fi
+	@! $(VIRSH) domstate $(DEMO_VM) >/dev/null 2>&1 || { echo "clean-demo: VM $(DEMO_VM) is still defined" >&2; exit 1; }
+	@for v in $(DEMO_DISKS); do ! $(VIRSH) vol-path --pool $(DEMO_POOL) $$v >/dev/null 2>&1 || \
+	  { echo "clean-demo: disk $$v is still there" >&2; exit 1; }; done
