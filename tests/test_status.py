@@ -287,9 +287,17 @@ def test_cpu_percent_and_stale_rules_are_computed_from_the_samples():
     assert vm.cpu_percent == pytest.approx(25.0) and vm.memory_bytes == 40000 * 1024 and vm.memory_source == "host"
     assert [(i.name, i.receive_bytes, i.transmit_bytes) for i in vm.interfaces] == [("vnet0", 5, 7)]
     assert vm.disks[0].allocation_bytes == 10 and vm.disks[0].capacity_bytes == 100
-    # The backup hook: a provider that knows backups puts {vm: Unix time} in the snapshot's context.
-    rep = build(h1, h2, [], Snapshot({}, {"newest_backup": {"a": time.time() - 3600}}), None, None, "mqtt://x")
-    assert 3590 < rep.vms[0].backup_age_seconds < 3700
+    # The newest good backup's age, from the BackupPolicy objects the libvirt read gives.
+    from reconciler.kinds.backup import Backup
+    from reconciler.model import Live, ResourceId
+    t = time.time()
+    backups = (Backup("a", "p", "pool", "s1", t - 7200, True), Backup("a", "p", "pool", "s2", t - 3600, True),
+               Backup("a", "p", "pool", "s3", t - 60, False, problem="unfinished: no manifest"))
+    pol = ResourceId("BackupPolicy", "p")
+    rep = build(h1, h2, [], Snapshot({pol: Live(pol, {}, managed=True, facts={"backups": backups})}), None, None,
+                "mqtt://x")
+    assert 3590 < rep.vms[0].backup_age_seconds < 3700      # the unfinished newer one does not count
+    assert build(h1, h2, [], Snapshot(), None, None, "mqtt://x").vms[0].backup_age_seconds is None
 
 
 def test_grafana_dashboard_is_valid_and_queries_only_written_series():

