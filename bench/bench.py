@@ -166,7 +166,7 @@ def write_vms_only(d: Path, prefix: str, n: int) -> None:
 
 def domain_xmls(manifest_dir: Path) -> list[tuple[str, str]]:
     """The exact domain XML reconciler defines for each VM of manifest_dir (VMs without disks)."""
-    from reconciler import manifest
+    from reconciler import manifests as manifest
     from reconciler.providers.libvirt import domxml
     return [(r.id.name, domxml.build_domain(r.id.name, dict(r.spec), dict(r.labels), {}))
             for r in manifest.load([str(manifest_dir)]) if r.id.kind == "VirtualMachine"]

@@ -24,34 +24,40 @@ def clock():
 def main(mdir: str) -> dict:
     out: dict = {}
     t = clock()
-    from reconciler import manifest, planner
+    from reconciler import manifests as manifest, planner
+    from reconciler.manifests.build import fast_validator, validator
     from reconciler.model import Options
     out["import_core_s"] = clock() - t
 
-    texts = manifest.read_texts([mdir])
+    texts = [(f, manifest.read_text(f)) for f in manifest.find_files([mdir])]
+
+    def parse_texts(texts):
+        src = manifest.YamlSource()
+        return [d for f, t in texts for d in src.documents(f, t)]
+
     # YAML: libyaml's composer with the collector at Python's default thresholds, then at the CLI's.
     gc.set_threshold(700, 10, 10)
     t = clock()
-    manifest.parse_texts(texts)
+    parse_texts(texts)
     out["yaml_default_gc_s"] = clock() - t
     gc.collect()
     gc.set_threshold(200_000, 50, 100)   # what reconciler.cli.main sets
     t = clock()
-    docs = manifest.parse_texts(texts)
+    docs = parse_texts(texts)
     out["yaml_s"] = clock() - t
     out["documents"] = len(docs)
 
     # JSON Schema: jsonschema-rs's "valid?" (used) vs jsonschema's full validation (the error path).
-    for d, _, _ in docs:
-        manifest.validator(d["kind"])
-        manifest.fast_validator(d["kind"])
+    for doc in docs:
+        validator(doc.data["kind"])
+        fast_validator(doc.data["kind"])
     t = clock()
-    for d, _, _ in docs:
-        manifest.fast_validator(d["kind"]).is_valid(d)
+    for doc in docs:
+        fast_validator(doc.data["kind"]).is_valid(doc.data)
     out["schema_rs_s"] = clock() - t
     t = clock()
-    for d, _, _ in docs:
-        for _ in manifest.validator(d["kind"]).iter_errors(d):
+    for doc in docs:
+        for _ in validator(doc.data["kind"]).iter_errors(doc.data):
             pass
     out["schema_py_s"] = clock() - t
 
@@ -59,7 +65,8 @@ def main(mdir: str) -> dict:
     resources = manifest.build(docs)
     out["build_s"] = clock() - t
 
-    from reconciler.run import Targets, _unique, make_providers
+    from reconciler.config import Targets
+    from reconciler.run import make_providers, unique as _unique
     targets = Targets(os.environ.get("RECONCILER_LIBVIRT_URI", "qemu:///system"),
                       os.environ.get("RECONCILER_MQTT_URL", "mqtt://127.0.0.1:1883"),
                       os.environ.get("RECONCILER_MQTT_USERNAME"), os.environ.get("RECONCILER_MQTT_PASSWORD"))

@@ -27,10 +27,7 @@ Asking for an MQTT kind with --kind and no login is an error.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -41,9 +38,9 @@ from .errors import ReconcilerError
 from .kinds.registry import NAMES as KINDS
 from .kinds.registry import of_target
 from .model import Live, ResourceId, Snapshot
+from .units import format_bytes
 
 LIBVIRT_KINDS, MQTT_KINDS = of_target("libvirt"), of_target("mqtt")
-from .units import format_bytes
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _PASSWORD_MARK = "__reconciler_password_placeholder__"
@@ -72,45 +69,48 @@ class ExportError(ReconcilerError):
 
 # --------------------------------------------------------------------------- command
 
-def export(args, targets, stdout=None, stderr=None) -> int:
-    from .run import _unique, make_providers, read_all
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
-    kinds = set(args.kind or KINDS)
+@dataclass(frozen=True)
+class Exported:
+    """What an export found: the documents, notes on what was left out, and where it read from."""
+    docs: tuple
+    notes: tuple[str, ...]
+    sources: tuple[str, ...]
+
+
+def export(targets, kinds: set[str], *, include_all: bool = False, explicit_kinds: bool = False,
+           scope: str = "default") -> Exported:
+    """Read `kinds` from the targets and turn them into manifests. Renders nothing."""
+    from .run import make_providers, read_all, unique
+    notes: list[str] = []
+    kinds = set(kinds)
     if kinds & set(MQTT_KINDS) and not targets.mqtt_username:
-        if args.kind:
+        if explicit_kinds:
             wanted = ", ".join(k for k in KINDS if k in kinds and k in MQTT_KINDS)
             raise ExportError(f"exporting {wanted} needs the broker's admin login: give --mqtt-username "
                               "(or RECONCILER_MQTT_USERNAME) and RECONCILER_MQTT_PASSWORD or RECONCILER_MQTT_PASSWORD_FILE")
         kinds -= set(MQTT_KINDS)
-        if not args.quiet:
-            print("note: MQTT kinds skipped: no broker login configured (--mqtt-username)", file=stderr)
+        notes.append("MQTT kinds skipped: no broker login configured (--mqtt-username)")
     providers = make_providers(kinds, targets)
     try:
         snapshot = read_all(providers)
     finally:
-        for p in _unique(providers):
+        for p in unique(providers):
             p.close()
-    scope = getattr(args, "scope", None) or os.environ.get("RECONCILER_SCOPE") or "default"
-    docs, notes = build(snapshot, kinds, include_all=args.all, scope=scope)
-    for n in notes:
-        if not args.quiet:
-            print(f"note: {n}", file=stderr)
-    if args.output == "json":
-        json.dump([d.manifest() for d in docs], stdout, indent=2)
-        stdout.write("\n")
-    else:
-        sources = []
-        if kinds & set(LIBVIRT_KINDS):
-            sources.append(f"libvirt {targets.libvirt_uri}")
-        if kinds & set(MQTT_KINDS):
-            sources.append(f"broker {targets.mqtt_url}")
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        header = (f"# reconciler export{' --all' if args.all else ''} of {', '.join(sources) or 'nothing'} "
-                  f"at {stamp}: {len(docs)} document(s)\n")
-        stdout.write(header + render(docs))
-    stdout.flush()
-    return 0
+    docs, more = build(snapshot, kinds, include_all=include_all, scope=scope)
+    sources = []
+    if kinds & set(LIBVIRT_KINDS):
+        sources.append(f"libvirt {targets.libvirt_uri}")
+    if kinds & set(MQTT_KINDS):
+        sources.append(f"broker {targets.mqtt_url}")
+    return Exported(tuple(docs), tuple(notes + more), tuple(sources))
+
+
+def render_yaml(result: Exported, include_all: bool = False) -> str:
+    """Multi-document YAML with a header line saying what was read and when."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    header = (f"# reconciler export{' --all' if include_all else ''} of {', '.join(result.sources) or 'nothing'} "
+              f"at {stamp}: {len(result.docs)} document(s)\n")
+    return header + render(result.docs)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -237,7 +237,7 @@ def build(snapshot: Snapshot, kinds: set[str], include_all: bool = False,
 def _self_check(docs: list[Doc], notes: list[str]) -> list[Doc]:
     """Drop (with a note) any document its kind's schema or rules would refuse: never print an invalid one."""
     from .kinds import KIND_RULES
-    from .manifest import validator
+    from .manifests import validator
     out = []
     for d in docs:
         m = d.manifest()

@@ -1,8 +1,9 @@
 """`plan/apply --inventory FILE`: many hosts, each one reconcile pass (run.reconcile) with its own
-targets and providers, run in parallel threads (--forks), filtered by --limit, with per-host output
-lines and an Ansible-style recap. The exit code is the worst of the hosts' (1 > 2 > 0).
+targets and providers, run in parallel threads (--forks), filtered by --limit. Returns one Outcome
+per host; the caller renders them (per-host lines, an Ansible-style recap, one JSON object, one
+metrics file). The exit code is the worst of the hosts' (1 > 2 > 0).
 
-Every host's fields fall back to the command line / environment when the inventory leaves them out
+Every host's fields fall back to the run's targets when the inventory leaves them out
 (libvirtUri -> --libvirt-uri, mqttUrl -> --mqtt-url, mqttUsername -> --mqtt-username, mqttPassword ->
 RECONCILER_MQTT_PASSWORD[_FILE], mqttCafile -> --mqtt-cafile). Relative paths (manifests, a
 fromFile password, mqttCafile) are relative to the inventory file's folder. The transport to a remote
@@ -11,83 +12,54 @@ host is libvirt's own (qemu+ssh://, qemu+tls://) and MQTT over TLS (mqtts://): n
 from __future__ import annotations
 
 import fnmatch
-import io
-import json
 import os
-import re
-import shutil
 import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import IO, Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol
 
-from .errors import LockError, ManifestError, ReconcilerError, TargetError
-
-EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
-_SEVERITY = {EXIT_OK: 0, EXIT_PENDING: 1, EXIT_ERROR: 2}
-
-
-def worst(codes) -> int:
-    """1 > 2 > 0: an error anywhere wins, then pending changes."""
-    out = EXIT_OK
-    for c in codes:
-        c = c if c in _SEVERITY else EXIT_ERROR
-        if _SEVERITY[c] > _SEVERITY[out]:
-            out = c
-    return out
+from .config import RunConfig, Targets
+from .errors import ManifestError, ReconcilerError
+from .model import Result
+from .outcome import Outcome, RunError, worst
 
 
 @dataclass(frozen=True)
 class Host:
     name: str
     manifests: tuple[str, ...]
-    libvirt_uri: str
-    mqtt_url: str
-    mqtt_username: str | None
+    targets: Targets
     mqtt_password: dict | None = field(default=None, repr=False)   # a secret source, read when the host runs
-    mqtt_cafile: str | None = None
     line: int = 0
 
-    def targets(self, default_password: Callable[[], str | None]):
-        from .run import Targets
+    def resolved_targets(self) -> Targets:
+        if self.mqtt_password is None:
+            return self.targets
         from .secrets import read_secret
-        if self.mqtt_password is not None:
-            try:
-                password = read_secret(self.mqtt_password)
-            except ManifestError as e:
-                raise ManifestError(f"host {self.name!r}: mqttPassword: {e.message}") from None
-        else:
-            password = default_password()
-        return Targets(self.libvirt_uri, self.mqtt_url, self.mqtt_username, password, self.mqtt_cafile)
-
-
-@dataclass
-class HostOutcome:
-    code: int
-    counts: dict = field(default_factory=lambda: {"ok": 0, "changed": 0, "failed": 0, "skipped": 0})
-    error: str | None = None
-    unreachable: bool = False       # the error was the target's (down, refused login, lock held)
-    report: dict | None = None      # -o json: the host's own JSON object
+        try:
+            return replace(self.targets, mqtt_password=read_secret(self.mqtt_password))
+        except ManifestError as e:
+            raise ManifestError(f"host {self.name!r}: mqttPassword: {e.message}") from None
 
 
 # --------------------------------------------------------------------------- loading
 
-def load(path: str, args) -> list[Host]:
+def load(path: str, defaults: Targets) -> list[Host]:
     """The hosts of an Inventory file, validated against schemas/Inventory.json."""
-    from .manifest import _line_of, _schema_message, load_documents, validator
-    docs = load_documents(path)
+    from .manifests import YamlSource, schema_errors, schema_message
+    docs = YamlSource().documents(path)
     if len(docs) != 1:
         raise ManifestError(f"an inventory file holds exactly one document, this one has {len(docs)}", file=path)
-    data, node = docs[0]
+    doc = docs[0]
+    data = doc.data
     if not isinstance(data, dict) or data.get("kind") != "Inventory":
         raise ManifestError("not an Inventory (kind: Inventory, apiVersion: reconciler/v1)", file=path,
-                            line=_line_of(node, ("kind",)))
-    errors = list(validator("Inventory").iter_errors(data))
+                            line=doc.line_of(("kind",)))
+    errors = schema_errors("Inventory", data)
     if errors:
-        err = max(errors, key=lambda e: len(list(e.absolute_path)))
-        raise ManifestError(_schema_message(err, "Inventory"), file=path, line=_line_of(node, tuple(err.absolute_path)),
+        err = errors[0]
+        raise ManifestError(schema_message(err, "Inventory", doc), file=path, line=doc.line_of(tuple(err.absolute_path)),
                             kind="Inventory")
     base = os.path.dirname(os.path.abspath(path))
 
@@ -97,7 +69,7 @@ def load(path: str, args) -> list[Host]:
     hosts: list[Host] = []
     seen: dict[str, int] = {}
     for i, h in enumerate(data["hosts"]):
-        line = _line_of(node, ("hosts", i))
+        line = doc.line_of(("hosts", i))
         if h["name"] in seen:
             raise ManifestError(f"host {h['name']!r} is listed twice (first at line {seen[h['name']]})",
                                 file=path, line=line, kind="Inventory")
@@ -105,12 +77,10 @@ def load(path: str, args) -> list[Host]:
         pw = h.get("mqttPassword")
         if pw is not None and "fromFile" in pw:
             pw = {"fromFile": rel(pw["fromFile"])}
-        cafile = h.get("mqttCafile", args.mqtt_cafile)
-        hosts.append(Host(
-            name=h["name"], manifests=tuple(rel(m) for m in h["manifests"]),
-            libvirt_uri=h.get("libvirtUri", args.libvirt_uri), mqtt_url=h.get("mqttUrl", args.mqtt_url),
-            mqtt_username=h.get("mqttUsername", args.mqtt_username), mqtt_password=pw,
-            mqtt_cafile=rel(cafile) if cafile and "mqttCafile" in h else cafile, line=line))
+        targets = Targets(h.get("libvirtUri", defaults.libvirt_uri), h.get("mqttUrl", defaults.mqtt_url),
+                          h.get("mqttUsername", defaults.mqtt_username), defaults.mqtt_password,
+                          rel(h["mqttCafile"]) if "mqttCafile" in h else defaults.mqtt_cafile)
+        hosts.append(Host(h["name"], tuple(rel(m) for m in h["manifests"]), targets, pw, line))
     return hosts
 
 
@@ -126,120 +96,52 @@ def select(hosts: list[Host], limit: str | None) -> list[Host]:
     return chosen
 
 
-# --------------------------------------------------------------------------- output plumbing
-
-class _LineWriter(io.TextIOBase):
-    """A per-host stream into a shared one: whole lines only, under a lock, so that parallel hosts
-    never interleave inside a line. Remembers the host's recap counts as they pass."""
-
-    def __init__(self, out: IO, lock: threading.Lock, host: str):
-        self.out, self.lock, self.buf = out, lock, ""
-        self.recap = re.compile(rf"^{re.escape(host)}: ok=(\d+) changed=(\d+) failed=(\d+) skipped=(\d+)$")
-        self.counts: dict | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str) -> int:
-        self.buf += s
-        if "\n" in self.buf:
-            done, self.buf = self.buf.rsplit("\n", 1)
-            for line in done.split("\n"):
-                m = self.recap.match(line)
-                if m:
-                    self.counts = dict(zip(("ok", "changed", "failed", "skipped"), map(int, m.groups())))
-            with self.lock:
-                self.out.write(done + "\n")
-                self.out.flush()
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-    def close_line(self) -> None:
-        if self.buf:
-            self.write("\n")
-
-
-def _password_from_env(args) -> Callable[[], str | None]:
-    def read() -> str | None:
-        password = os.environ.get("RECONCILER_MQTT_PASSWORD")
-        pw_file = os.environ.get("RECONCILER_MQTT_PASSWORD_FILE")
-        if password is None and pw_file:
-            from .secrets import read_secret
-            password = read_secret({"fromFile": pw_file})
-        return password
-    return read
-
-
 # --------------------------------------------------------------------------- running
 
-def reconcile_hosts(args, hosts: list[Host], *, apply: bool, stop: threading.Event | None = None,
-                    skip: dict[str, str] | None = None, stdout: IO | None = None,
-                    stderr: IO | None = None, metrics_dir: str | None = None) -> dict[str, HostOutcome]:
-    """One pass over `hosts` in parallel; `skip` maps hosts to leave out this time to the reason."""
-    from .cli import _options
-    from .progress import PlainProgress, Stoppable
-    from .report import write_metrics
-    from .run import Output, reconcile
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
+class HostView(Protocol):
+    """What the caller shows of one host while and after it runs."""
+
+    def result(self, r: Result) -> None: ...
+
+    def done(self, o: Outcome) -> None: ...
+
+
+def reconcile_hosts(hosts: list[Host], cfg: RunConfig, *, apply: bool,
+                    stop: threading.Event | None = None, skip: dict[str, str] | None = None,
+                    view: Callable[[str], HostView] | None = None,
+                    progress: Callable[[str], object] | None = None,
+                    stopped: type[BaseException] | None = None) -> dict[str, Outcome]:
+    """One pass over `hosts` in parallel; `skip` maps hosts to leave out this time to the reason.
+    `view(host)` shows a host's results as they come and its Outcome when it ends."""
+    from .run import reconcile
     skip = skip or {}
     stop = stop or threading.Event()
-    options = _options(args)
-    lock = threading.Lock()
-    text = args.output == "text"
-    outcomes: dict[str, HostOutcome] = {}
 
-    class Stopped(ReconcilerError):
-        pass
-
-    def one(h: Host) -> HostOutcome:
-        metrics = os.path.join(metrics_dir, f"{h.name}.prom") if metrics_dir else None
+    def one(h: Host) -> Outcome:
+        v = view(h.name) if view else None
         if h.name in skip or stop.is_set():
-            reason = skip.get(h.name, "stopping")
-            if text and not args.quiet:
-                with lock:
-                    stdout.write(f"{h.name}: skipped: {reason}\n")
-                    stdout.flush()
-            if metrics:
-                write_metrics(metrics, None, None, False, h.name)
-            return HostOutcome(EXIT_ERROR if h.name in skip else EXIT_OK,
-                               {"ok": 0, "changed": 0, "failed": 0, "skipped": 1}, error=None)
-        writer = _LineWriter(stdout, lock, h.name) if text else io.StringIO()
-        out = Output(args.output, args.diff, args.quiet, args.verbose, metrics, h.name)
-        progress = Stoppable(PlainProgress(stderr, h.name), stop, Stopped)
-        try:
-            targets = h.targets(_password_from_env(args))
-            code = reconcile(list(h.manifests), targets, options, out, apply=apply,
-                             lock_timeout=getattr(args, "lock_timeout", 300.0), stdout=writer, progress=progress)
-        except Stopped:
-            return HostOutcome(EXIT_OK, error="stopped by a signal")
-        except ReconcilerError as e:
-            if metrics:
-                write_metrics(metrics, None, None, False, h.name)
-            with lock:
-                print(f"{h.name}: error: {e}", file=stderr, flush=True)
-            return HostOutcome(EXIT_ERROR, {"ok": 0, "changed": 0, "failed": 1, "skipped": 0}, error=str(e),
-                               unreachable=isinstance(e, (TargetError, LockError)))
-        except Exception as e:  # a bug must not take the other hosts down
-            if metrics:
-                write_metrics(metrics, None, None, False, h.name)
-            with lock:
-                print(f"{h.name}: error: internal error: {type(e).__name__}: {e}", file=stderr, flush=True)
-            return HostOutcome(EXIT_ERROR, {"ok": 0, "changed": 0, "failed": 1, "skipped": 0},
-                               error=f"internal error: {type(e).__name__}: {e}")
-        if text:
-            writer.close_line()
-            return HostOutcome(code, writer.counts or {"ok": 0, "changed": 0, "failed": 0, "skipped": 0})
-        try:
-            report = json.loads(writer.getvalue())
-        except ValueError:
-            report = {"output": writer.getvalue()}
-        return HostOutcome(code, report.get("recap") or _counts_from_plan(report), report=report)
+            o = Outcome(apply, host=h.name, skipped=skip.get(h.name, "stopping"))
+        else:
+            try:
+                targets = h.resolved_targets()
+            except ReconcilerError as e:
+                o = Outcome(apply, host=h.name, error=RunError(str(e)))
+            else:
+                try:
+                    o = reconcile(list(h.manifests), targets, cfg.options, apply=apply, lock_timeout=cfg.lock_timeout,
+                                  host=h.name, on_result=v.result if v else None,
+                                  progress=progress(h.name) if progress else None)
+                except Exception as e:  # a bug must not take the other hosts down
+                    if stopped is not None and isinstance(e, stopped):
+                        o = Outcome(apply, host=h.name, skipped="stopped by a signal")
+                    else:
+                        o = Outcome(apply, host=h.name, error=RunError(f"internal error: {type(e).__name__}: {e}"))
+        if v:
+            v.done(o)
+        return o
 
-    forks = max(1, int(getattr(args, "forks", 10) or 1))
-    with ThreadPoolExecutor(max_workers=min(forks, len(hosts)) or 1, thread_name_prefix="host") as pool:
+    outcomes: dict[str, Outcome] = {}
+    with ThreadPoolExecutor(max_workers=min(cfg.forks, len(hosts)) or 1, thread_name_prefix="host") as pool:
         futures = {h.name: pool.submit(one, h) for h in hosts}
         try:
             for name, f in futures.items():
@@ -252,104 +154,76 @@ def reconcile_hosts(args, hosts: list[Host], *, apply: bool, stop: threading.Eve
     return outcomes
 
 
-def _counts_from_plan(report: dict) -> dict:
-    changes = report.get("changes", [])
-    return {"ok": report.get("summary", {}).get("unchanged", 0),
-            "changed": sum(1 for c in changes if c.get("status") != "failed"),
-            "failed": sum(1 for c in changes if c.get("status") == "failed"), "skipped": 0}
+# --------------------------------------------------------------------------- showing
+
+class _TextView:
+    """One host's lines, prefixed with its name, whole lines only under a shared lock."""
+
+    def __init__(self, name: str, cfg: RunConfig, lock: threading.Lock):
+        from .render.text import TextRenderer
+        self.text = TextRenderer(sys.stdout, cfg.output, host=name, lock=lock)
+
+    def result(self, r: Result) -> None:
+        self.text.result(r)
+
+    def done(self, o: Outcome) -> None:
+        self.text.finish(o)
+        self.text.error(o)
 
 
-def print_recap(hosts: list[Host], outcomes: dict[str, HostOutcome], stdout: IO) -> None:
-    stdout.write("\nRECAP\n")
-    for h in hosts:
-        o = outcomes[h.name]
-        c = o.counts
-        stdout.write(f"{h.name} : ok={c['ok']} changed={c['changed']} failed={c['failed']} skipped={c['skipped']}\n")
-    stdout.flush()
+def show_pass(hosts: list[Host], outcomes: dict[str, Outcome], cfg: RunConfig) -> None:
+    """After the pass: the RECAP (text) or the one JSON object, and the metrics file."""
+    if cfg.output.format == "json":
+        from .render import jsonout
+        jsonout.write({"hosts": {h.name: jsonout.outcome_json(outcomes[h.name]) for h in hosts}}, sys.stdout)
+    else:
+        lines = ["", "RECAP"] + [f"{h.name} : {outcomes[h.name].recap.line()}" for h in hosts]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
 
 
-def json_report(hosts: list[Host], outcomes: dict[str, HostOutcome]) -> dict:
-    out: dict = {}
-    for h in hosts:
-        o = outcomes[h.name]
-        if o.report is not None:
-            out[h.name] = o.report
-        else:
-            entry: dict = {"changes": [], "summary": None}
-            if o.error:
-                entry["error"] = o.error
-            elif o.counts.get("skipped"):
-                entry["skipped"] = True
-            out[h.name] = entry
-    return {"hosts": out}
+def run_pass(hosts: list[Host], cfg: RunConfig, *, apply: bool, stop: threading.Event | None = None,
+             skip: dict[str, str] | None = None, stopped: type[BaseException] | None = None,
+             last_success: dict | None = None) -> dict[str, Outcome]:
+    """One pass with its output: per-host lines as they come, the recap or JSON, the metrics."""
+    from .progress import PlainProgress, Stoppable
+    lock = threading.Lock()
+    view = (lambda name: _TextView(name, cfg, lock)) if cfg.output.format == "text" else None
+    json_errors = None if view else (lambda name: _JsonErrors(name, lock))
 
+    def progress(name: str):
+        p = PlainProgress(sys.stderr, name)
+        return Stoppable(p, stop, stopped) if stop is not None and stopped is not None else p
 
-def merge_metrics(sources: list[str], path: str) -> None:
-    """One Prometheus text file from several (one per host): each family's HELP/TYPE once, then all
-    of its samples. Written atomically, like write_metrics."""
-    families: dict[str, dict] = {}
-    for src in sources:
+    outcomes = reconcile_hosts(hosts, cfg, apply=apply, stop=stop, skip=skip, view=view or json_errors,
+                               progress=progress if apply else None, stopped=stopped)
+    show_pass(hosts, outcomes, cfg)
+    if cfg.output.metrics_file:
+        from .render.metrics import write_metrics
         try:
-            with open(src, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                name = line.split(" ", 3)[2]
-                fam = families.setdefault(name, {"head": [], "samples": []})
-                if line not in fam["head"]:
-                    fam["head"].append(line)
-            elif line and not line.startswith("#"):
-                name = re.split(r"[{ ]", line, 1)[0]
-                families.setdefault(name, {"head": [], "samples": []})["samples"].append(line)
-    text = "".join("\n".join(f["head"] + f["samples"]) + "\n" for f in families.values())
-    from .report import write_atomically
-    write_atomically(path, text)
+            write_metrics(cfg.output.metrics_file, [outcomes[h.name] for h in hosts], by_host=True,
+                          last_success=last_success)
+        except OSError as e:
+            print(f"error: cannot write the metrics file {cfg.output.metrics_file}: {e.strerror}", file=sys.stderr)
+    return outcomes
 
 
-def _seed_metrics(previous: str, host: str, dest: str) -> None:
-    """Carry a host's last-success timestamp from the merged file into its own, for write_metrics."""
-    try:
-        with open(previous, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("reconciler_last_success_timestamp_seconds") and f'host="{host}"' in line:
-                    with open(dest, "w", encoding="utf-8") as out:
-                        out.write(line)
-                    return
-    except OSError:
-        return
+class _JsonErrors:
+    """With -o json, a host's error still goes to stderr as a sentence as it happens."""
+
+    def __init__(self, name: str, lock: threading.Lock):
+        self.name, self.lock = name, lock
+
+    def result(self, r: Result) -> None:
+        pass
+
+    def done(self, o: Outcome) -> None:
+        if o.error is not None:
+            with self.lock:
+                print(f"{self.name}: error: {o.error.message}", file=sys.stderr, flush=True)
 
 
-def run_pass(args, hosts: list[Host], *, apply: bool, stop: threading.Event | None = None,
-             skip: dict[str, str] | None = None, stdout: IO | None = None) -> tuple[int, dict[str, HostOutcome]]:
-    """One pass with its recap (or JSON object) and metrics; (exit code, outcomes)."""
-    stdout = stdout or sys.stdout
-    metrics_dir = None
-    if args.metrics_file:
-        metrics_dir = tempfile.mkdtemp(prefix=".reconciler-hosts-", dir=os.path.dirname(os.path.abspath(args.metrics_file)))
-        for h in hosts:
-            _seed_metrics(args.metrics_file, h.name, os.path.join(metrics_dir, f"{h.name}.prom"))
-    try:
-        outcomes = reconcile_hosts(args, hosts, apply=apply, stop=stop, skip=skip, stdout=stdout,
-                                   metrics_dir=metrics_dir)
-        if args.output == "json":
-            json.dump(json_report(hosts, outcomes), stdout, indent=2)
-            stdout.write("\n")
-            stdout.flush()
-        else:
-            print_recap(hosts, outcomes, stdout)
-        if metrics_dir:
-            merge_metrics([os.path.join(metrics_dir, f"{h.name}.prom") for h in hosts], args.metrics_file)
-    finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    return worst(o.code for o in outcomes.values()), outcomes
-
-
-def run_inventory(args, apply: bool) -> int:
-    if getattr(args, "forks", 10) is not None and args.forks < 1:
-        raise ReconcilerError("--forks must be at least 1")
-    hosts = select(load(args.inventory, args), args.limit)
-    code, _ = run_pass(args, hosts, apply=apply)
-    return code
+def run_inventory(cfg: RunConfig, apply: bool) -> int:
+    hosts = select(load(cfg.inventory, cfg.targets), cfg.limit)
+    outcomes = run_pass(hosts, cfg, apply=apply)
+    return worst(o.code for o in outcomes.values())

@@ -19,20 +19,13 @@ class ResourceId:
 
 @dataclass(frozen=True)
 class Resource:
-    """One manifest document, its spec normalised (quantities in bytes, defaults filled)."""
+    """One manifest document, its spec normalised (quantities in bytes, defaults filled). Where it was
+    written (file and line) is the manifest loader's business, not the model's."""
     id: ResourceId
     spec: Mapping[str, Any]
     labels: Mapping[str, str] = field(default_factory=dict)
-    file: str = ""
-    line: int = 0
     # The spec keys the user wrote; only these are compared with live state.
     declared: frozenset = frozenset()
-    # The YAML node it came from, to point errors at a field's own line.
-    node: Any = field(default=None, compare=False, repr=False)
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}" if self.file else ""
 
 
 @dataclass(frozen=True)

@@ -1,70 +1,39 @@
-"""One reconcile pass against one host: load manifests, read the targets they need, plan, and
-(for apply) lock the targets and apply. Returns the exit code; used by the CLI, watch and inventory."""
+"""One reconcile pass against one host: load the manifests, read the targets they need, plan, and
+(for apply) lock the targets and apply. Returns an Outcome and renders nothing: the caller streams
+results through `on_result` if it wants to show them as they happen."""
 from __future__ import annotations
 
 import contextlib
-import sys
-from dataclasses import dataclass, field
-from typing import IO
+import time
+from typing import Callable
 
-from . import manifest, planner
+from . import manifests, planner
+from .config import Targets
+from .errors import LockError, ManifestError, ReconcilerError, TargetError
 from .kinds.registry import of_target
-from .model import Options, Snapshot
-from .report import TextReport, apply_json, plan_json, write_metrics
-
-EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class Targets:
-    libvirt_uri: str = "qemu:///system"
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_username: str | None = None
-    mqtt_password: str | None = field(default=None, repr=False)
-    mqtt_cafile: str | None = None
-
-
-@dataclass(frozen=True)
-class Output:
-    format: str = "text"
-    diff: bool = False
-    quiet: bool = False
-    verbose: bool = False
-    metrics_file: str | None = None
-    host: str | None = None
+from .model import Options, Result, Snapshot
+from .outcome import Outcome, RunError
 
 
 def make_providers(kinds: set[str], targets: Targets) -> dict:
     """A provider per needed target, keyed by kind. Only targets the manifests need are touched."""
     providers: dict = {}
-    LIBVIRT_KINDS, MQTT_KINDS = of_target("libvirt"), of_target("mqtt")
-    if kinds & set(LIBVIRT_KINDS):
+    libvirt_kinds, mqtt_kinds = of_target("libvirt"), of_target("mqtt")
+    if kinds & set(libvirt_kinds):
         from .providers.libvirt import LibvirtProvider
         p = LibvirtProvider(targets.libvirt_uri)
-        for k in LIBVIRT_KINDS:
+        for k in libvirt_kinds:
             providers[k] = p
-    if kinds & set(MQTT_KINDS):
+    if kinds & set(mqtt_kinds):
         from .providers.mosquitto import MosquittoProvider
         p = MosquittoProvider(targets.mqtt_url, targets.mqtt_username, targets.mqtt_password, targets.mqtt_cafile)
-        for k in MQTT_KINDS:
+        for k in mqtt_kinds:
             providers[k] = p
     return providers
 
 
-def read_all(providers: dict, say=None) -> Snapshot:
-    """Every provider's bulk read merged into one snapshot; `say` reports what each read cost."""
-    import time
-    snap = Snapshot()
-    for p in _unique(providers):
-        started = time.monotonic()
-        part = p.read(frozenset(k for k, q in providers.items() if q is p))
-        if say:
-            say(f"read {p.target()}: {len(part.objects)} live objects in {time.monotonic() - started:.2f}s")
-        snap = snap.merged(part)
-    return snap
-
-
-def _unique(providers: dict) -> list:
+def unique(providers: dict) -> list:
+    """Each provider once (one provider serves several kinds)."""
     seen: list = []
     for p in providers.values():
         if all(p is not q for q in seen):
@@ -72,69 +41,81 @@ def _unique(providers: dict) -> list:
     return seen
 
 
-def reconcile(paths: list[str], targets: Targets, options: Options, out: Output, *, apply: bool,
-              lock_timeout: float = 300.0, stdout: IO | None = None, progress=None) -> int:
-    """`progress` (reconciler.progress.Progress) watches the apply; default: a display on stderr."""
-    stdout = stdout or sys.stdout
-    # Manifests first, then the targets they need. Reading the targets on a thread while the YAML
-    # is parsed was measured slower (1.26 s against 1.02 s at 1,000 VMs): both halves are Python
-    # work that holds the GIL, and the read's RPCs then wait for it.
-    resources = manifest.load(paths)
+def read_all(providers: dict, say: Callable[[str], None] | None = None, desired=()) -> Snapshot:
+    """Every provider's bulk read merged into one snapshot; `say` reports what each read cost.
+    `desired` (the declared resources) lets a provider read what only a declared value can tell
+    (the broker tests each declared client's password by a login)."""
+    snap = Snapshot()
+    for p in unique(providers):
+        started = time.monotonic()
+        if hasattr(p, "declare"):
+            p.declare(desired)
+        part = p.read(frozenset(k for k, q in providers.items() if q is p))
+        if say:
+            say(f"read {p.target()}: {len(part.objects)} live objects in {time.monotonic() - started:.2f}s")
+        snap = snap.merged(part)
+    return snap
+
+
+def error_of(e: ReconcilerError) -> RunError:
+    """A ReconcilerError as the value an Outcome carries."""
+    if isinstance(e, ManifestError):
+        return RunError(str(e), e.file, e.line)
+    return RunError(str(e), unreachable=isinstance(e, (TargetError, LockError)))
+
+
+def reconcile(paths: list[str], targets: Targets, options: Options, *, apply: bool,
+              lock_timeout: float = 300.0, host: str | None = None,
+              on_result: Callable[[Result], None] | None = None, progress=None,
+              say: Callable[[str], None] | None = None) -> Outcome:
+    """One pass. `on_result` sees each Result as the applier produces it; `progress`
+    (reconciler.progress) watches the apply; `say` gets verbose notes. A user's mistake or a target's
+    failure is returned as the Outcome's error, never raised."""
+    try:
+        # Manifests first, then the targets they need. Reading the targets on a thread while the YAML
+        # is parsed was measured slower (1.26 s against 1.02 s at 1,000 VMs): both halves are Python
+        # work that holds the GIL, and the read's RPCs then wait for it.
+        loaded = manifests.read(paths)
+    except ReconcilerError as e:
+        return Outcome(apply, error=error_of(e), host=host)
+    resources = list(loaded.resources)
     if options.prune and not resources:
-        raise planner.PlanError("refusing to prune: the manifests declare nothing (a wrong path would wipe the host)")
+        return Outcome(apply, error=RunError("refusing to prune: the manifests declare nothing "
+                                             "(a wrong path would wipe the host)"), host=host, digest=loaded.digest)
     providers = make_providers({r.id.kind for r in resources}, targets)
-    text = TextReport(stdout, diff=out.diff, quiet=out.quiet, verbose=out.verbose, host=out.host) \
-        if out.format == "text" else None
     plan = None
-    results = None
-    ok = False
+    results: list[Result] = []
     try:
         with contextlib.ExitStack() as stack:
-            for p in _unique(providers):
+            for p in unique(providers):
                 stack.callback(p.close)
             if apply:
                 from .lock import TargetLock
-                for p in _unique(providers):
+                for p in unique(providers):
                     stack.enter_context(TargetLock(p.target(), lock_timeout))
-            say = (lambda m: print(f"{out.host + ': ' if out.host else ''}{m}", file=sys.stderr)) if out.verbose else None
             if say:
                 say(f"loaded {len(resources)} resources from {', '.join(paths)}")
-            snapshot = read_all(providers, say)
+            snapshot = read_all(providers, say, resources)
             plan = planner.plan(resources, snapshot, options)
             if say:
                 say(f"planned: {len(plan.actions)} actions, {len(plan.unchanged)} in sync, {len(plan.orphans)} orphans")
             if not apply:
-                if text:
-                    text.planned(plan)
-                    text.recap(plan)
-                else:
-                    _json(plan_json(plan), stdout)
-                code = EXIT_ERROR if plan.refused else (EXIT_PENDING if plan.actions else EXIT_OK)
-                ok = code != EXIT_ERROR
-                return code
+                return Outcome(False, plan, host=host, digest=loaded.digest)
             from .applier import apply as run_apply
-            from .progress import for_stderr
-            prog = progress if progress is not None else for_stderr(out)
-            on_result = prog.wrap(text.result if text else (lambda r: None))
+            from .progress import Progress
+
+            def record(r: Result) -> None:
+                results.append(r)
+                if on_result is not None:
+                    on_result(r)
+
+            prog = progress if progress is not None else Progress()
             prog.begin(plan)
             try:
-                results = run_apply(plan, providers, options, on_result)
+                run_apply(plan, providers, options, prog.wrap(record))
             finally:
                 prog.end()
-            if text:
-                text.orphans(plan)
-                text.recap(plan)
-            else:
-                _json(apply_json(plan, results), stdout)
-            ok = not any(r.status == "failed" for r in results)
-            return EXIT_OK if ok else EXIT_ERROR
-    finally:
-        if out.metrics_file:
-            write_metrics(out.metrics_file, plan, results, ok, out.host)
-
-
-def _json(obj: dict, stdout: IO) -> None:
-    import json
-    json.dump(obj, stdout, indent=2, sort_keys=False)
-    stdout.write("\n")
-    stdout.flush()
+            return Outcome(True, plan, tuple(results), host=host, digest=loaded.digest)
+    except ReconcilerError as e:
+        return Outcome(apply, plan, tuple(results) if apply and plan is not None else None,
+                       error=error_of(e), host=host, digest=loaded.digest)

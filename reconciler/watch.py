@@ -22,7 +22,8 @@ import threading
 import time
 from typing import IO
 
-from .errors import LockError, ReconcilerError, TargetError
+from .config import RunConfig
+from .outcome import Outcome
 
 MAX_BACKOFF = 300.0
 # After a stop request, how long the action in flight may still take before the process leaves.
@@ -30,8 +31,9 @@ STOP_GRACE = 0.8
 POLL = 0.05
 
 
-class Stopped(ReconcilerError):
-    """The apply stopped between two actions because a signal asked for it."""
+class Stopped(Exception):
+    """The apply stopped between two actions because a signal asked for it (not a ReconcilerError:
+    run.reconcile lets it through to the loop)."""
 
 
 def backoff(interval: float, failures: int) -> float:
@@ -65,10 +67,7 @@ class _Round:
         return not self.thread.is_alive()
 
 
-def watch(args, targets, options, out) -> int:
-    interval = float(args.interval)
-    if interval <= 0:
-        raise ReconcilerError("--interval must be greater than zero")
+def watch(cfg: RunConfig) -> int:
     stop = threading.Event()
     signalled: list[int] = []
 
@@ -78,20 +77,19 @@ def watch(args, targets, options, out) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if args.inventory:
-            return _loop(args, interval, stop, signalled, _InventoryRounds(args, interval, stop))
-        return _loop(args, interval, stop, signalled, _HostRounds(args, targets, options, out, interval, stop))
+        if cfg.inventory:
+            return _loop(cfg, stop, signalled, _InventoryRounds(cfg, stop))
+        return _loop(cfg, stop, signalled, _HostRounds(cfg, stop))
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
 
 
-def _loop(args, interval: float, stop: threading.Event, signalled: list, rounds) -> int:
-    quiet = getattr(args, "quiet", False)
+def _loop(cfg: RunConfig, stop: threading.Event, signalled: list, rounds) -> int:
     n = 0
     while True:
         n += 1
-        if args.output == "text" and not quiet:
+        if cfg.output.format == "text" and not cfg.output.quiet:
             print(f"watch: round {n} at {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
         r = _Round(lambda: rounds.run(n))
         while not r.done():
@@ -123,64 +121,69 @@ def _loop(args, interval: float, stop: threading.Event, signalled: list, rounds)
 class _HostRounds:
     """Rounds against the single target given on the command line."""
 
-    def __init__(self, args, targets, options, out, interval: float, stop: threading.Event):
-        self.args, self.targets, self.options, self.out = args, targets, options, out
-        self.interval, self.stop = interval, stop
+    def __init__(self, cfg: RunConfig, stop: threading.Event):
+        self.cfg, self.stop = cfg, stop
+        self.interval = cfg.interval
         self.failures = 0
+        # Kept here across rounds: the metrics file is written, never read back.
+        self.last_success: dict = {}
 
-    def run(self, n: int) -> int:
+    def run(self, n: int) -> Outcome:
+        from .render.show import show
         from .progress import Stoppable, for_stderr
+        from .render.text import TextRenderer
         from .run import reconcile
-        progress = Stoppable(for_stderr(self.out), self.stop, Stopped)
-        return reconcile(self.args.paths, self.targets, self.options, self.out, apply=True,
-                         lock_timeout=self.args.lock_timeout, progress=progress)
+        out = self.cfg.output
+        text = TextRenderer(sys.stdout, out) if out.format == "text" else None
+        progress = Stoppable(for_stderr(out), self.stop, Stopped)
+        o = reconcile(list(self.cfg.paths), self.cfg.targets, self.cfg.options, apply=True,
+                      lock_timeout=self.cfg.lock_timeout, progress=progress, on_result=text.result if text else None)
+        show(o, out, text)
+        if out.metrics_file:
+            from .render.metrics import write_metrics
+            try:
+                write_metrics(out.metrics_file, [o], last_success=self.last_success)
+            except OSError as e:
+                _say(f"cannot write {out.metrics_file}: {e.strerror}")
+        return o
 
-    def after(self, n: int, code, error) -> float:
+    def after(self, n: int, o: Outcome | None, error) -> float:
         """Log the round's outcome; the delay before the next one."""
+        if error is None and o is not None and o.error is not None:
+            if o.error.unreachable:
+                self.failures += 1
+                delay = backoff(self.interval, self.failures)
+                _say(f"round {n} failed ({self.failures} in a row): {o.error.message}; retrying in {delay:g}s")
+                return delay
+            _say(f"round {n} failed: {o.error.message}; next round in {self.interval:g}s")
+            return self.interval
         if error is None:
             if self.failures:
                 _say(f"round {n}: target reachable again after {self.failures} failed round(s)")
             self.failures = 0
-            if code not in (0, None) and not self.args.quiet:
-                _say(f"round {n} ended with exit code {code}; next round in {self.interval:g}s")
-            return self.interval
-        _write_failed_metrics(self.out)
-        if isinstance(error, (TargetError, LockError)):
-            self.failures += 1
-            delay = backoff(self.interval, self.failures)
-            _say(f"round {n} failed ({self.failures} in a row): {error}; retrying in {delay:g}s")
-            return delay
-        if isinstance(error, ReconcilerError):
-            _say(f"round {n} failed: {error}; next round in {self.interval:g}s")
+            if o is not None and o.code != 0 and not self.cfg.output.quiet:
+                _say(f"round {n} ended with exit code {o.code}; next round in {self.interval:g}s")
             return self.interval
         self.failures += 1
         delay = backoff(self.interval, self.failures)
         _say(f"round {n} failed with an internal error: {type(error).__name__}: {error}; retrying in {delay:g}s")
-        if getattr(self.args, "verbose", False):
+        if self.cfg.output.verbose:
             import traceback
             traceback.print_exception(error)
         return delay
 
 
-def _write_failed_metrics(out) -> None:
-    """A round that failed before or while reading its targets still records last_run_success 0."""
-    if out.metrics_file:
-        from .report import write_metrics
-        try:
-            write_metrics(out.metrics_file, None, None, False, out.host)
-        except OSError as e:
-            _say(f"cannot write {out.metrics_file}: {e.strerror}")
-
-
 class _InventoryRounds:
     """Rounds over an inventory: per-host backoff, the others keep their interval."""
 
-    def __init__(self, args, interval: float, stop: threading.Event):
+    def __init__(self, cfg: RunConfig, stop: threading.Event):
         from .inventory import load, select
-        self.args, self.interval, self.stop = args, interval, stop
+        self.cfg, self.stop = cfg, stop
+        self.interval = cfg.interval
         self.failures: dict[str, int] = {}
         self.retry_at: dict[str, float] = {}
-        self.load = lambda: select(load(args.inventory, args), args.limit)
+        self.last_success: dict = {}
+        self.load = lambda: select(load(cfg.inventory, cfg.targets), cfg.limit)
 
     def run(self, n: int):
         from .inventory import run_pass
@@ -189,21 +192,21 @@ class _InventoryRounds:
         skip = {h.name: f"target down {self.failures[h.name]} round(s) in a row; retrying in "
                         f"{self.retry_at[h.name] - now:.0f}s"
                 for h in hosts if self.retry_at.get(h.name, 0) > now}
-        return run_pass(self.args, hosts, apply=True, stop=self.stop, skip=skip)
+        return run_pass(hosts, self.cfg, apply=True, stop=self.stop, skip=skip, stopped=Stopped,
+                        last_success=self.last_success)
 
-    def after(self, n: int, result, error) -> float:
+    def after(self, n: int, outcomes, error) -> float:
         if error is not None:
             _say(f"round {n} failed: {error}; next round in {self.interval:g}s")
             return self.interval
-        code, outcomes = result
         now = time.monotonic()
         for name, o in outcomes.items():
-            if o.unreachable:
+            if o.error is not None and o.error.unreachable:
                 self.failures[name] = self.failures.get(name, 0) + 1
                 delay = backoff(self.interval, self.failures[name])
                 self.retry_at[name] = now + delay
                 _say(f"{name}: target down ({self.failures[name]} in a row); retrying in {delay:g}s")
-            elif o.counts.get("skipped") and name in self.retry_at and o.error is None and o.code == 1:
+            elif o.skipped is not None and name in self.retry_at:
                 continue   # skipped while backing off
             else:
                 if self.failures.get(name):

@@ -40,7 +40,11 @@ def _cleanup(uri: str, prefix: str) -> None:
                 except libvirt.libvirtError:
                     pass
         for pool in conn.listAllStoragePools(0):
-            if pool.name().startswith(prefix):
+            try:
+                name = pool.name()
+            except libvirt.libvirtError:
+                continue
+            if name.startswith(prefix):
                 try:
                     if pool.isActive():
                         for vol in pool.listAllVolumes(0):
@@ -49,13 +53,18 @@ def _cleanup(uri: str, prefix: str) -> None:
                     pool.undefine()
                 except libvirt.libvirtError:
                     pass
-            elif pool.isActive():
-                for vol in pool.listAllVolumes(0):
-                    if vol.name().startswith(prefix):
-                        try:
+            else:
+                try:
+                    # Other tests create and delete pools at the same time: one may vanish under us.
+                    vols = pool.listAllVolumes(0) if pool.isActive() else []
+                except libvirt.libvirtError:
+                    continue
+                for vol in vols:
+                    try:
+                        if vol.name().startswith(prefix):
                             vol.delete(0)
-                        except libvirt.libvirtError:
-                            pass
+                    except libvirt.libvirtError:
+                        pass
     finally:
         conn.close()
 

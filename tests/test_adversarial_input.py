@@ -22,7 +22,7 @@ import pytest
 from helpers import ROOT, cli, doc, write
 from mqtt_fixtures import mq  # noqa: F401  (a fixture)
 from test_adversarial_support import live_state
-from reconciler import manifest
+from reconciler import manifests as manifest
 
 BAD = Path(__file__).with_name("bad_input")
 CASES = sorted(p.stem for p in BAD.glob("*.yaml"))

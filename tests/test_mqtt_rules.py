@@ -8,7 +8,7 @@ import pickle
 import pytest
 import yaml
 
-from reconciler import manifest, planner
+from reconciler import manifests, planner
 from reconciler.errors import ManifestError, TargetError
 from reconciler.kinds.mqtt import has_wildcards, topic_problem
 from reconciler.model import Live, Options, ResourceId, Snapshot
@@ -22,7 +22,7 @@ def parse(kind: str, name: str, spec: dict, file="m.yaml", labels=None):
     if labels:
         meta["labels"] = labels
     d = {"apiVersion": "reconciler/v1", "kind": kind, "metadata": meta, "spec": spec}
-    return manifest.parse_document(d, yaml.compose(yaml.safe_dump(d)), file)
+    return manifests.parse_document(d, file)
 
 
 @pytest.mark.parametrize("topic", ["a", "a/b/c", "+", "#", "a/+/c", "a/#", "/", "a//b", "ü/ñ", "$SYS/#",

@@ -64,7 +64,9 @@ def test_metrics_after_plan_and_apply(test_unix_uri, prefix, tmp_path):
     assert get(applied, "reconciler_last_run_success") == 1
     assert get(applied, "reconciler_last_run_timestamp_seconds") >= get(after_plan, "reconciler_last_run_timestamp_seconds")
     # Every kind and every kind x action is present, zeros included (alerts see the series).
-    assert sum(1 for (n, _) in applied if n == "reconciler_changes") == 7 * 5
+    from reconciler.kinds.registry import NAMES
+    from reconciler.model import VERBS
+    assert sum(1 for (n, _) in applied if n == "reconciler_changes") == len(NAMES) * len(VERBS)
 
     again = cli("apply", str(m), *uri)
     assert again.code == 0 and "changed=0" in again.recap
@@ -84,20 +86,21 @@ def test_metrics_after_plan_and_apply(test_unix_uri, prefix, tmp_path):
 
 
 def test_failed_and_refused_changes_are_counted():
-    """write_metrics itself: refused actions count as failures of a plan, failed results of an apply."""
+    """The metrics renderer itself: refused actions count as failures of a plan, failed results of an apply."""
     from reconciler.model import Action, Plan, ResourceId, Result
-    from reconciler.report import write_metrics
+    from reconciler.outcome import Outcome
+    from reconciler.render.metrics import write_metrics
     import tempfile, os
     a = Action("update", ResourceId("Disk", "d"), "shrink", refused="shrinking is refused")
     b = Action("create", ResourceId("MqttRole", "r"), "new")
     plan = Plan((a, b))
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "m.prom")
-        write_metrics(p, plan, None, False, host='edge "1"')
+        write_metrics(p, [Outcome(False, plan, host='edge "1"')], by_host=True)
         m = parse(open(p).read())
         assert get(m, "reconciler_failures", kind="Disk", host='edge \\"1\\"') == 1
         assert get(m, "reconciler_last_run_success", host='edge \\"1\\"') == 0
-        write_metrics(p, plan, [Result(a, "failed", "x"), Result(b, "applied")], False)
+        write_metrics(p, [Outcome(True, plan, (Result(a, "failed", "x"), Result(b, "applied")))])
         m = parse(open(p).read())
         assert get(m, "reconciler_failures", kind="Disk") == 1
         assert get(m, "reconciler_changes", kind="MqttRole", action="create") == 1

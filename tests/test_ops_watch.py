@@ -15,6 +15,12 @@ import pytest
 from helpers import ROOT, cli, doc, virsh, write
 
 
+
+def _sample(text: str, name: str) -> float:
+    """The value of an unlabelled series, read with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
 def start(*args: str, env: dict | None = None, lock_dir=None) -> subprocess.Popen:
     e = dict(os.environ)
     e.setdefault("RECONCILER_SCOPE", "tests")
@@ -77,7 +83,7 @@ def test_watch_applies_edits_between_rounds_and_stops_on_sigterm(test_unix_uri, 
     assert took < 1.5, f"watch took {took:.2f}s to stop"
     assert "watch: round 1" in out and "changed: [VirtualMachine/" in out
     assert "SIGTERM" in err and "Traceback" not in err
-    assert "reconciler_last_run_success 1" in metrics.read_text()
+    assert _sample(metrics.read_text(), "reconciler_last_run_success") == 1
     # The watch left the host as declared: two more applies change nothing.
     for _ in range(2):
         r = cli("apply", str(m), "--libvirt-uri", test_unix_uri)
@@ -123,7 +129,7 @@ def test_target_down_is_logged_and_retried_with_backoff(tmp_path):
     # 0.2s, 0.4s, 0.8s, ...: each retry waits twice as long as the one before.
     assert "retrying in 0.2s" in failed[0] and "retrying in 0.4s" in failed[1] and "retrying in 0.8s" in failed[2]
     assert "Traceback" not in err
-    assert "reconciler_last_run_success 0" in metrics.read_text()
+    assert _sample(metrics.read_text(), "reconciler_last_run_success") == 0
 
 
 def test_backoff_schedule():
@@ -175,7 +181,7 @@ def test_terminal_progress_spins_and_clears():
 def test_plain_progress_without_a_terminal():
     from reconciler.model import Result
     from reconciler.progress import PlainProgress, Progress, for_stderr
-    from reconciler.run import Output
+    from reconciler.config import Output
     stream = io.StringIO()
     assert isinstance(for_stderr(None, stream), PlainProgress)
     assert type(for_stderr(Output(quiet=True), FakeTTY())) is Progress

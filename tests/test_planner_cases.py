@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler import manifest, planner
+from reconciler import manifests, planner
 from reconciler.model import Live, Options, ResourceId, Snapshot
 from reconciler.units import parse_bytes
 
@@ -32,11 +32,7 @@ def _live(entry: dict) -> Live:
 def load_case(path: Path):
     case = yaml.safe_load(path.read_text())
     docs = case.get("desired") or []
-    resources = []
-    for d in docs:
-        node = yaml.compose(yaml.safe_dump(d))
-        resources.append(manifest.parse_document(d, node, str(path)))
-    manifest.check_references(resources)
+    resources = manifests.build(manifests.YamlSource().documents(str(path), yaml.safe_dump_all(docs))) if docs else []
     live = {l.id: l for l in map(_live, case.get("live") or [])}
     return case, resources, Snapshot(live, case.get("context") or {}), Options(**(case.get("options") or {}))
 
