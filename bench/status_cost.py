@@ -10,6 +10,7 @@ default-pool; no MQTT: the broker's $SYS read is one subscription, independent o
   status  `reconciler status -o json --sample 0` (no PATHs: the host's objects, managed or not)
   plan    `reconciler status PATH -o json --sample 0` (with the manifests: the same read and plan as `plan`)
   sample  `reconciler status PATH -o json` (the default 1 s between the two CPU samples)
+  plan    `reconciler plan PATH -o json`, for reference: the same load, read and plan, without statistics
 
     .venv/bin/python bench/status_cost.py [--n 1000] [--reps 5]
 """
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         wall([PY, "-m", "reconciler", "apply", "--quiet", str(mdir)], env)
         doms = conn.listAllDomains(0)
         print(f"domains on the host: {len(doms)} ({sum(1 for d in doms if d.name().startswith(prefix))} ours)")
-        calls, procs, bare, planned, sampled = [], [], [], [], []
+        calls, procs, bare, planned, sampled, plans = [], [], [], [], [], []
         for _ in range(args.reps):
             t = time.monotonic()
             stats = conn.getAllDomainStats(0, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             bare.append(wall([PY, "-m", "reconciler", "status", "-o", "json", "--sample", "0"], env))
             planned.append(wall([PY, "-m", "reconciler", "status", str(mdir), "-o", "json", "--sample", "0"], env))
             sampled.append(wall([PY, "-m", "reconciler", "status", str(mdir), "-o", "json"], env))
+            plans.append(wall([PY, "-m", "reconciler", "plan", str(mdir), "-o", "json"], env))
         assert len(stats) >= args.n
         p = subprocess.run([PY, "-m", "reconciler", "status", str(mdir), "-o", "json", "--sample", "0", "--verbose"],
                            env=env, capture_output=True, text=True, cwd=ROOT)
@@ -83,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         assert sum(rep["drift"].values()) == 0, rep["drift"]
         med = statistics.median
         res = {"n": args.n, "domains": len(stats), "call_s": med(calls), "call_process_s": med(procs),
-               "status_s": med(bare), "status_paths_s": med(planned), "status_paths_sampled_s": med(sampled),
+               "status_s": med(bare), "status_paths_s": med(planned), "status_paths_sampled_s": med(sampled), "plan_s": med(plans),
                "phases": p.stderr.strip()}
         print(f"one getAllDomainStats call (in-process, {len(stats)} domains): {1000 * res['call_s']:.1f} ms")
         print(f"the same call as a whole python process:       {res['call_process_s']:.3f} s")
         print(f"reconciler status --sample 0 (no PATHs):        {res['status_s']:.3f} s")
         print(f"reconciler status PATH --sample 0 (with plan):   {res['status_paths_s']:.3f} s")
         print(f"reconciler status PATH (1 s CPU sample):         {res['status_paths_sampled_s']:.3f} s")
+        print(f"reconciler plan PATH (reference):               {res['plan_s']:.3f} s")
         print(f"phases of one status PATH run: {res['phases']}")
         print(json.dumps(res))
         return 0
