@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .. import cloudinit
 from ..model import Action, FieldChange, Live, Resource, ResourceId
 from .context import PlanContext
 from ..units import UnitError, format_bytes, parse_bytes
@@ -328,6 +329,45 @@ def inexpressible_interface(i: dict) -> str | None:
     return f"an interface of type {i.get('type')!r}"
 
 
+def _norm_kernel(k: dict | None) -> dict | None:
+    if not k:
+        return None
+    return {"path": k["path"], "initrd": k.get("initrd"), "cmdline": k.get("cmdline")}
+
+
+def seed_of(ctx: PlanContext, r: Resource):
+    """The VM's cloud-init seed (built once per plan; its str is its digest), or None."""
+    ci = r.spec.get("cloudInit")
+    if ci is None:
+        return None
+    key = ("cloudinit-seed", r.id.name)
+    if key not in ctx.memo:
+        ctx.memo[key] = cloudinit.seed_for(r.id.name, ci)
+    return ctx.memo[key]
+
+
+def _boot_changes(r: Resource, l: dict, ctx: PlanContext, running: bool) -> list[FieldChange]:
+    """Direct kernel boot (restart-class) and the cloud-init seed: a changed seed is swapped live on
+    a running VM that has one; a VM getting its first seed needs a restart to see the new CD-ROM.
+    Both compared only when the manifest declares them."""
+    ch: list[FieldChange] = []
+    slow = "restart" if running else "config"
+    if "kernel" in r.declared and r.spec["kernel"] != l.get("kernel"):
+        ch.append(FieldChange("spec.kernel", l.get("kernel"), r.spec["kernel"], slow))
+    if "cloudInit" in r.declared:
+        have = l.get("cloudInit") or {}
+        seed, inst = seed_of(ctx, r)
+        if have.get("seed") != str(seed) or have.get("instanceId") != inst:
+            mode = ("live" if running else "config") if have.get("seed") else slow
+            ch.append(FieldChange("spec.cloudInit", have.get("seed"), str(seed), mode))
+    return ch
+
+
+def _seed_note(r: Resource, live: dict, running: bool) -> str:
+    have = live.get("cloudInit") or {}
+    return cloudinit.when_read(have.get("instanceId"), cloudinit.instance_id(r.id.name, r.spec["cloudInit"]), running)
+
+
 def _norm_iface(i: dict) -> dict:
     out = {k: i[k] for k in ("network", "bridge", "user", "model") if k in i}
     if "mac" in i:
@@ -363,9 +403,14 @@ class VirtualMachineRules:
 
     @staticmethod
     def resolve_paths(spec: dict, base: str) -> dict:
-        if not spec.get("disks"):
-            return spec
-        return {**spec, "disks": [{**d, "path": _abs(d["path"], base)} if "path" in d else d for d in spec["disks"]]}
+        if spec.get("disks"):
+            spec = {**spec, "disks": [{**d, "path": _abs(d["path"], base)} if "path" in d else d for d in spec["disks"]]}
+        if isinstance(spec.get("kernel"), dict):
+            k = spec["kernel"]
+            spec = {**spec, "kernel": {**k, **{f: _abs(k[f], base) for f in ("path", "initrd") if f in k}}}
+        if isinstance(spec.get("cloudInit"), dict):
+            spec = {**spec, "cloudInit": cloudinit.resolve_paths(spec["cloudInit"], base)}
+        return spec
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -393,6 +438,9 @@ class VirtualMachineRules:
                 if n["mac"].lower() in macs:
                     out.append((("spec", "interfaces", i, "mac"), f"MAC {n['mac']} is used twice"))
                 macs.add(n["mac"].lower())
+        if isinstance(spec.get("cloudInit"), dict):
+            has_pool = any("disk" in d for d in spec.get("disks", [])[:1])
+            out += cloudinit.check(spec["cloudInit"], has_pool)
         return out
 
     @staticmethod
@@ -412,6 +460,8 @@ class VirtualMachineRules:
             "interfaces": [_norm_iface(i) for i in spec.get("interfaces", [])],
             "graphics": _norm_graphics(spec.get("graphics")),
             "description": spec.get("description"),
+            "kernel": _norm_kernel(spec.get("kernel")),
+            "cloudInit": cloudinit.normalise(spec.get("cloudInit")),
         }
         return out
 
@@ -568,9 +618,9 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
         mv = _effective_max(run_spec, "maxVcpus", "vcpus")
     else:
         mm = mv = None
-    cfg_changes = _compare_vm(d, r.declared, config, ctx, running, mm, mv)
+    cfg_changes = _compare_vm(d, r.declared, config, ctx, running, mm, mv) + _boot_changes(r, config, ctx, running)
     run_changes = _compare_vm(d, r.declared, run_spec, ctx, True, mm, mv, view="running") \
-        if run_spec is not None else []
+        + _boot_changes(r, run_spec, ctx, True) if run_spec is not None else []
     if run_spec is not None:
         # Drift in the persistent definition alone (`virsh setvcpus --config`, `detach-disk --config`)
         # while the running VM already matches: only the definition is rewritten. Neither a restart
@@ -621,7 +671,11 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
         elif starts and running:
             refused = _unreachable_disks(ctx, d, {c.path[len("spec.disks["):-1] for c in changes
                                                   if c.path.startswith("spec.disks[") and c.after is not None})
-        actions.append(Action("update", r.id, "in place (" + ", ".join(modes) + "): " + ", ".join(c.path for c in changes),
+        reason = "in place (" + ", ".join(modes) + "): " + ", ".join(c.path for c in changes)
+        seed = next((c for c in changes if c.path == "spec.cloudInit"), None)
+        if seed is not None:
+            reason += "; " + _seed_note(r, config, running)
+        actions.append(Action("update", r.id, reason,
                               desired=r, live=live, changes=tuple(changes), needs=needs, refused=refused))
     if restart_fields and want_state in ("running", "paused") and running:
         held = None if ctx.options.allow_restart else "restart required: rerun with --allow-restart"

@@ -29,6 +29,7 @@ KIB = 1024
 
 # What a manifest can express is the kind's rule; the XML side only keeps the rest untouched.
 from ...kinds.libvirt import inexpressible_disk, inexpressible_interface  # noqa: E402
+from . import bootxml  # noqa: E402
 
 
 def _text(el: ET.Element | None, default: Any = None) -> Any:
@@ -90,6 +91,8 @@ def parse_domain(xml: str) -> dict[str, Any]:
         "graphics": graphics,
         "description": desc,
     }
+    # Direct kernel boot and the cloud-init seed (whose CD-ROM leaves `disks`): bootxml's business.
+    bootxml.read_extras(root, spec)
     return {"name": _text(root.find("name")), "uuid": _text(root.find("uuid")), "spec": spec,
             "labels": labels, "managed": managed, "scope": scope, "records": parse_records(root)}
 

@@ -12,7 +12,7 @@ import libvirt
 
 from ...errors import ApplyError, TargetError
 from ...model import Action, Live, Options, ResourceId, Snapshot
-from . import domxml
+from . import bootxml, domxml, images
 from .handlers import HANDLERS, READERS
 
 LIVE_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -231,6 +231,10 @@ class LibvirtProvider:
                     self.domain_users.setdefault(d["path"], []).append((name, d["target"], state))
                     if d["path"] in path_to_disk:
                         d["disk"] = path_to_disk[d["path"]]
+            seed = parsed["spec"].get("cloudInit")
+            if seed and seed.get("path") in path_to_disk:
+                # A VM's cloud-init seed volume belongs to the VM, not to the Disks a manifest declares.
+                objects.pop(ResourceId("Disk", path_to_disk[seed["path"]]), None)
             rid = ResourceId("VirtualMachine", name)
             objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts)
         return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases(), **self._access(pools)})
@@ -382,7 +386,13 @@ class LibvirtProvider:
 
     def _create_VirtualMachine(self, a: Action, o: Options) -> str:
         spec = a.desired.spec
+        seed = None
+        if spec.get("cloudInit"):
+            # The seed volume first: a domain defined with a missing CD-ROM file would not start.
+            seed, image = images.seed_info(self, a.id.name, spec, None)
+            images.write_seed(self, seed, image)
         xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), scope=o.scope)
+        xml = bootxml.decorate(xml, spec, None, seed)
         try:
             dom = self.conn.defineXML(xml)
             fresh = True
@@ -478,12 +488,20 @@ class LibvirtProvider:
             flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
             attempt([p for p in by_path if p.startswith("metadata.")], dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                     domxml.owner_xml(dict(a.desired.labels), o.scope), domxml.NS_PREFIX, domxml.NS, flags)
-        config_changes = [c for c in a.changes if c.mode in ("config", "restart")]
+        seed = None
+        if spec.get("cloudInit"):
+            live_ci = (a.live.spec.get("cloudInit") if a.live else None) or None
+            seed, image = images.seed_info(self, a.id.name, spec, live_ci)
+            if "spec.cloudInit" in by_path:
+                attempt(["spec.cloudInit"], images.sync_seed, self, dom, seed, image, live_ci, active)
+        config_changes = [c for c in a.changes if c.mode in ("config", "restart")
+                          and not (c.path == "spec.cloudInit" and c.before)]
         if config_changes:
             def define() -> str | None:
                 cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
                 new = domxml.patch_domain(cfg, spec, declared, dict(a.desired.labels), self._disk_sources(spec),
                                           o.scope)
+                new = bootxml.decorate(new, spec, declared, seed)
                 self.conn.defineXML(new)
                 restart = [c.path for c in config_changes if c.mode == "restart"]
                 return "restart required for " + ", ".join(restart) if active and restart else None
@@ -548,6 +566,12 @@ class LibvirtProvider:
         spec = a.desired.spec
         xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), uuid=uuid,
                                   scope=o.scope)
+        if spec.get("cloudInit"):
+            seed, image = images.seed_info(self, a.id.name, spec, a.live.spec.get("cloudInit") if a.live else None)
+            images.write_seed(self, seed, image)
+            xml = bootxml.decorate(xml, spec, None, seed)
+        else:
+            xml = bootxml.decorate(xml, spec, None, None)
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         dom = self.conn.defineXML(xml)
         dom.setAutostart(1 if spec["autostart"] else 0)
@@ -568,4 +592,6 @@ class LibvirtProvider:
             dom.undefineFlags(flags)
         except libvirt.libvirtError:
             dom.undefine()
-        return "stopped and undefined (its disks are kept)"
+        # The seed goes with its VM (declared Disks stay).
+        seed = images.delete_seed(self.conn, a.live.spec.get("cloudInit") if a.live else None)
+        return "stopped and undefined (its disks are kept" + (f"; {seed}" if seed else "") + ")"
