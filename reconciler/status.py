@@ -136,7 +136,7 @@ def status(paths: list[str], targets, options: Options = Options(), *, sample_se
     """`targets` is config.Targets. The broker is read when the manifests declare MQTT kinds, or, without
     PATHs, when a broker login is given (a dynamic-security broker refuses anonymous readers)."""
     from .providers.libvirt.stats import CALL_TIMEOUT, StatsReader
-    from .run import make_providers, read_all
+    from .run import make_providers
 
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -155,18 +155,25 @@ def status(paths: list[str], targets, options: Options = Options(), *, sample_se
         first = reader.sample()
         timings["stats_call"] = first.call_seconds
         t = time.monotonic()
-        providers = make_providers(kinds, targets)
-        try:
-            snapshot = read_all(providers)
-        finally:
-            for p in {id(p): p for p in providers.values()}.values():
-                p.close()
+        broker_error = None
+        if paths:
+            snapshot = _read(make_providers(kinds, targets))
+        else:
+            # Without PATHs the broker is an extra: when its objects cannot be read (a login without
+            # `subscribe #`, a broker down), the host is still shown and the error reported (exit 1).
+            snapshot = _read(make_providers(kinds - mqtt_kinds, targets))
+            if kinds & mqtt_kinds:
+                try:
+                    snapshot = snapshot.merged(_read(make_providers(kinds & mqtt_kinds, targets)))
+                except TargetError as e:
+                    broker_error = e
+                    errors.append(str(e))
         timings["read"] = time.monotonic() - t
         t = time.monotonic()
         plan = planner.plan(resources, snapshot, options) if paths else None
         timings["plan"] = time.monotonic() - t
-        sys_stats = None
-        if include_broker:
+        sys_stats = broker_error
+        if include_broker and broker_error is None:
             from .providers.mosquitto import sysstats
             t = time.monotonic()
             try:
@@ -189,6 +196,16 @@ def status(paths: list[str], targets, options: Options = Options(), *, sample_se
     timings["total"] = time.monotonic() - started
     return StatusReport(report.host, report.vms, report.objects, report.broker, report.planned, report.drift,
                         report.errors, timings)
+
+
+def _read(providers: dict):
+    """The same bulk reads as `plan` (run.read_all), each provider closed afterwards."""
+    from .run import read_all
+    try:
+        return read_all(providers)
+    finally:
+        for p in {id(p): p for p in providers.values()}.values():
+            p.close()
 
 
 # --------------------------------------------------------------------------- pure assembly

@@ -310,3 +310,36 @@ def test_grafana_dashboard_is_valid_and_queries_only_written_series():
     assert {"reconciler_vm_cpu_seconds_total", "reconciler_vm_memory_bytes", "reconciler_vm_disk_allocation_bytes",
             "reconciler_broker_clients_connected", "reconciler_drift"} <= names
     assert names <= set(SERIES), sorted(names - set(SERIES))
+
+
+@pytest.mark.mqtt
+def test_a_broker_that_cannot_be_read_is_an_error_beside_the_host(test_unix_uri, mq):  # noqa: F811
+    """A dynamic-security login without `subscribe #` (the objects' retained sweep) or refused
+    `subscribe $SYS/#` (the figures): the host's VMs are still shown, the broker's part says why,
+    and status exits 1."""
+    pw = mq.secret("limited-pass-1")
+    mq.ctrl("createRole", "limited")
+    for acl in ("publishClientSend", "publishClientReceive", "subscribePattern"):
+        mq.ctrl("addRoleACL", "limited", acl, "$CONTROL/dynamic-security/#", "allow")
+    mq.ctrl("createClient", "limited", "-p", pw)
+    mq.ctrl("addClientRole", "limited", "limited")
+    env = {"RECONCILER_LIBVIRT_URI": test_unix_uri, "RECONCILER_MQTT_USERNAME": "limited",
+           "RECONCILER_MQTT_PASSWORD": pw}
+    run = mq.run("status", "-o", "json", "--sample", "0", env=env)
+    assert run.code == 1, run.out + run.err
+    rep = run.json
+    assert rep["vms"] and rep["broker"]["error"] and "may not subscribe to '#'" in rep["broker"]["error"]
+    assert "error:" in run.err and "Traceback" not in run.err
+    # With `subscribe #` the objects are read; a higher-priority deny on $SYS/# refuses the figures.
+    mq.ctrl("addRoleACL", "limited", "subscribePattern", "#", "allow")
+    mq.ctrl("addRoleACL", "limited", "subscribePattern", "$SYS/#", "deny", "10")
+    run = mq.run("status", "--sample", "0", env=env)
+    assert run.code == 1, run.out + run.err
+    assert "may not subscribe to $SYS/#" in run.out and "may not subscribe to $SYS/#" in run.err
+    assert re.search(r"^MqttClient\s+limited\s+no\s+no\s+-\s+present", run.out, re.M), run.out
+    assert "host vm" in run.out or run.out.startswith("host ")
+    # With the figures allowed too, the view is whole and exits 0.
+    mq.ctrl("removeRoleACL", "limited", "subscribePattern", "$SYS/#")
+    run = mq.run("status", "-o", "json", "--sample", "0", env=env)
+    assert run.code == 0, run.out + run.err
+    assert run.json["broker"]["error"] is None and run.json["broker"]["version"]
