@@ -14,6 +14,7 @@ from .kinds.registry import NAMES as KINDS
 from .model import Options
 from .outcome import EXIT_ERROR, EXIT_OK, Outcome, RunError
 from .render.show import show
+from . import saved
 
 SCOPE_FILE = ".reconciler.yaml"
 
@@ -106,11 +107,17 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("paths", nargs="*", metavar="PATH")
     _scope_flags(pl)
     _allow_flags(pl)   # they change the plan: a held restart is pending, an allowed one is planned
+    pl.add_argument("--out", metavar="FILE", help="also save the plan to FILE (with --inventory: a folder, one file "
+                                                  "per host) for `apply FILE` and `show FILE`")
     _target_flags(pl)
     _output_flags(pl)
 
-    a = sub.add_parser("apply", help="make live state match the manifests")
-    a.add_argument("paths", nargs="*", metavar="PATH")
+    sh = sub.add_parser("show", help="print a saved plan as plan prints it (exit 0 in sync, 2 pending, 1 refused)")
+    sh.add_argument("file", metavar="FILE")
+    _output_flags(sh, metrics=False)
+
+    a = sub.add_parser("apply", help="make live state match the manifests, or apply a saved plan FILE exactly")
+    a.add_argument("paths", nargs="*", metavar="PATH", help="manifest files or folders, or one saved plan file")
     _scope_flags(a)
     a.add_argument("--check", action="store_true", help="only plan (same output and exit codes as plan)")
     _allow_flags(a)
@@ -179,7 +186,10 @@ def _project_scope(paths: list[str]) -> str | None:
 def config(args) -> RunConfig:
     """The one RunConfig of a command line (and its environment)."""
     paths = tuple(getattr(args, "paths", ()) or ())
-    scope = getattr(args, "scope", None) or os.environ.get("RECONCILER_SCOPE") or _project_scope(list(paths))
+    scope = getattr(args, "scope", None) or os.environ.get("RECONCILER_SCOPE")
+    if not scope and args.command in ("plan", "apply") and len(paths) == 1 and saved.looks_saved(paths[0]):
+        scope = saved.read(paths[0]).doc["target"]["scope"]   # a saved plan carries its scope
+    scope = scope or _project_scope(list(paths))
     prune = getattr(args, "prune", False)
     if prune and not scope:
         raise ReconcilerError("--prune needs an explicit scope, so that two repositories on one host never prune "
@@ -240,21 +250,46 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-def cmd_plan_apply(cfg: RunConfig, apply: bool) -> int:
+def cmd_plan_apply(cfg: RunConfig, apply: bool, args=None) -> int:
+    out_file = getattr(args, "out", None)
     if cfg.inventory:
         from .inventory import run_inventory
-        return run_inventory(cfg, apply=apply)
+        return run_inventory(cfg, apply=apply, out_dir=out_file)
     from .progress import for_stderr
     from .render.text import TextRenderer
     from .run import reconcile
     out = cfg.output
+    paths, options, review = list(cfg.paths), cfg.options, None
+    if len(paths) == 1 and saved.looks_saved(paths[0]):
+        plan_file = saved.read(paths[0])
+        saved.check_target(plan_file, cfg.targets, cfg.options.scope, explicit_scope=bool(_explicit_scope(args)))
+        saved.check_flags(plan_file, cfg.options, {k for k in ("prune", "force", "allow_restart", "allow_replace")
+                                                  if getattr(args, k, False)})
+        paths, options, review = plan_file.paths, plan_file.options(cfg.options.shutdown_timeout), saved.reviewer(plan_file)
     text = TextRenderer(sys.stdout, out) if out.format == "text" else None
     say = (lambda m: print(m, file=sys.stderr)) if out.verbose else None
-    o = reconcile(list(cfg.paths), cfg.targets, cfg.options, apply=apply, lock_timeout=cfg.lock_timeout,
-                  on_result=text.result if text else None, progress=for_stderr(out) if apply else None, say=say)
+    o = reconcile(paths, cfg.targets, options, apply=apply, lock_timeout=cfg.lock_timeout,
+                  on_result=text.result if text else None, progress=for_stderr(out) if apply else None, say=say,
+                  review=review)
     show(o, out, text)
     if out.metrics_file:
         _metrics(out.metrics_file, [o])
+    if out_file and o.plan is not None:
+        saved.write(out_file, saved.document(o, paths, cfg.targets, options))
+        if out.format == "text" and not out.quiet:
+            print(f"plan saved to {out_file}: apply it with `reconciler apply {out_file}`")
+    return o.code
+
+
+def _explicit_scope(args) -> str | None:
+    return getattr(args, "scope", None) or os.environ.get("RECONCILER_SCOPE")
+
+
+def cmd_show(args) -> int:
+    """A saved plan, rendered as `plan` renders a fresh one."""
+    plan_file = saved.read(args.file)
+    o = Outcome(False, plan_file.plan(), host=plan_file.host)
+    show(o, Output(args.output, args.diff, args.quiet, args.verbose))
     return o.code
 
 
@@ -298,14 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "show":
+            return cmd_show(args)
         if args.command == "backups":
             from .backups import run_backups
             return run_backups(args)
         cfg = config(args)
         if args.command == "plan":
-            return cmd_plan_apply(cfg, apply=False)
+            return cmd_plan_apply(cfg, apply=False, args=args)
         if args.command == "apply":
-            return cmd_plan_apply(cfg, apply=not args.check)
+            return cmd_plan_apply(cfg, apply=not args.check, args=args)
         if args.command == "watch":
             return cmd_watch(cfg)
         if args.command == "export":

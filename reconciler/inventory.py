@@ -32,6 +32,7 @@ class Host:
     targets: Targets
     mqtt_password: dict | None = field(default=None, repr=False)   # a secret source, read when the host runs
     line: int = 0
+    saved: object = None          # saved.SavedPlan: apply exactly this host's reviewed plan
 
     def resolved_targets(self) -> Targets:
         if self.mqtt_password is None:
@@ -84,6 +85,24 @@ def load(path: str, defaults: Targets) -> list[Host]:
     return hosts
 
 
+def hosts_from_plans(directory: str, defaults: Targets) -> list[Host]:
+    """`apply --inventory DIR`: one host per saved plan file that `plan --inventory ... --out DIR` wrote;
+    each file names its host, targets, manifests and where its broker password comes from."""
+    from . import saved
+    files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".json"))
+    if not files:
+        raise ReconcilerError(f"{directory}: no saved plans (*.json) in this folder")
+    hosts = []
+    for f in files:
+        s = saved.read(f)
+        t = s.doc["target"]
+        name = s.host or os.path.basename(f)[:-5]
+        targets = Targets(t.get("libvirt") or defaults.libvirt_uri, t.get("mqtt") or defaults.mqtt_url,
+                          t.get("mqttUsername") or defaults.mqtt_username, defaults.mqtt_password, defaults.mqtt_cafile)
+        hosts.append(Host(name, tuple(s.paths), targets, t.get("mqttPasswordSource"), saved=s))
+    return hosts
+
+
 def select(hosts: list[Host], limit: str | None) -> list[Host]:
     """--limit: comma-separated host names or shell patterns (edge-*)."""
     if not limit:
@@ -127,10 +146,14 @@ def reconcile_hosts(hosts: list[Host], cfg: RunConfig, *, apply: bool,
             except ReconcilerError as e:
                 o = Outcome(apply, host=h.name, error=RunError(str(e)))
             else:
+                options, review = cfg.options, None
+                if h.saved is not None:
+                    from .saved import reviewer
+                    options, review = h.saved.options(cfg.options.shutdown_timeout), reviewer(h.saved)
                 try:
-                    o = reconcile(list(h.manifests), targets, cfg.options, apply=apply, lock_timeout=cfg.lock_timeout,
+                    o = reconcile(list(h.manifests), targets, options, apply=apply, lock_timeout=cfg.lock_timeout,
                                   host=h.name, on_result=v.result if v else None,
-                                  progress=progress(h.name) if progress else None)
+                                  progress=progress(h.name) if progress else None, review=review)
                 except Exception as e:  # a bug must not take the other hosts down
                     if stopped is not None and isinstance(e, stopped):
                         o = Outcome(apply, host=h.name, skipped="stopped by a signal")
@@ -223,7 +246,20 @@ class _JsonErrors:
                 print(f"{self.name}: error: {o.error.message}", file=sys.stderr, flush=True)
 
 
-def run_inventory(cfg: RunConfig, apply: bool) -> int:
-    hosts = select(load(cfg.inventory, cfg.targets), cfg.limit)
+def run_inventory(cfg: RunConfig, apply: bool, out_dir: str | None = None) -> int:
+    """`--inventory FILE` (or, for apply, a folder of saved plans); `out_dir`: save each host's plan there."""
+    if os.path.isdir(cfg.inventory):
+        if not apply:
+            raise ReconcilerError(f"--inventory {cfg.inventory} is a folder: only `apply` takes a folder of saved plans")
+        hosts = select(hosts_from_plans(cfg.inventory, cfg.targets), cfg.limit)
+    else:
+        hosts = select(load(cfg.inventory, cfg.targets), cfg.limit)
     outcomes = run_pass(hosts, cfg, apply=apply)
+    if out_dir is not None:
+        from . import saved
+        for h in hosts:
+            o = outcomes[h.name]
+            if o.plan is not None:
+                saved.write(os.path.join(out_dir, f"{h.name}.json"),
+                            saved.document(o, list(h.manifests), h.targets, cfg.options, h.mqtt_password))
     return worst(o.code for o in outcomes.values())
