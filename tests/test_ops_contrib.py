@@ -65,4 +65,9 @@ def test_ci_workflow():
     assert jobs["plan"]["if"] == "github.event_name == 'pull_request'"
     assert "reconciler plan --inventory" in run("plan") and '"$code" = 2' in run("plan")
     assert "refs/heads/main" in jobs["apply"]["if"] and "reconciler apply --inventory" in run("apply")
+    # The pull request's saved plan is the artifact the merge applies.
+    assert "--out plans/" in run("plan") and "reconciler apply --inventory plans/" in run("apply")
+    uploads = [s for s in jobs["plan"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    downloads = [s for s in jobs["apply"]["steps"] if s.get("uses", "").startswith("actions/download-artifact")]
+    assert uploads and downloads and uploads[0]["with"]["name"].startswith("plans-")
     assert jobs["apply"]["concurrency"]["cancel-in-progress"] is False
