@@ -2,7 +2,7 @@
 leak (`Secret`), and fingerprint it with a random salt so a changed source can be told from an unchanged one.
 
 A `Secret` prints as `<secret from environment variable X>` in repr, str and f-strings, cannot be
-JSON-encoded, and hands its value out only through `reveal()` (a pickle, for a process pool, keeps it). Errors name the variable or the
+JSON-encoded, and hands its value out only through `reveal()`. Errors name the variable or the
 path, never a value. A manifest's relative `fromFile` path has already been made absolute against the
 manifest's folder (MqttClientRules.resolve_paths); any other relative path is read from the working folder.
 """
@@ -62,7 +62,7 @@ class Secret:
         return hash(self.source)
 
     def __reduce__(self):
-        # Pickling (a process pool of the inventory runner) keeps the value; nothing prints a pickle.
+        # A pickled Secret keeps its value (copying a Resource must not lose it); nothing prints a pickle.
         return (Secret, (self._value, self.source))
 
     def __copy__(self):
@@ -106,10 +106,6 @@ def read_secret(source: dict) -> str:
             raise ManifestError(f"secret file {path} is empty")
         return text
     raise ManifestError("a secret must be {fromEnv: VAR} or {fromFile: /path}")
-
-
-def resolve(source: dict) -> Secret:
-    return Secret(read_secret(source), describe(source))
 
 
 def _b64(b: bytes) -> str:

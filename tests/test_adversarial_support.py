@@ -69,7 +69,8 @@ class PrivateLibvirtd:
             except libvirt.libvirtError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    pytest.skip("cannot start a private libvirtd")
+                    pytest.fail("cannot start a private libvirtd (the kill and went-away tests need one): "
+                                "see its command line above")
                 time.sleep(0.1)
 
     def kill(self) -> None:

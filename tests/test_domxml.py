@@ -35,6 +35,26 @@ def test_running_qemu_domain_parses_to_declared_fields_only():
     assert "alias" not in flat and "pci" not in flat and "controller" not in flat
 
 
+@pytest.mark.parametrize("name", ["qemu-running-domain.xml", "qemu-inactive-domain.xml"])
+def test_the_named_noise_is_all_ignored(name):
+    """Deleting everything IGNORED_DOMAIN_NOISE names from a real domain's XML changes nothing parse_domain reads."""
+    import xml.etree.ElementTree as ET
+    text = (DATA / name).read_text()
+    root = ET.fromstring(text)
+    removed = 0
+    for path in domxml.IGNORED_DOMAIN_NOISE:
+        parent_path, _, leaf = path.rpartition("/")
+        parents = root.findall(parent_path) if parent_path else [root]
+        for parent in parents:
+            for el in parent.findall(leaf):
+                parent.remove(el)
+                removed += 1
+    assert removed >= 10, "the fixture must hold the noise this test removes"
+    # The UUID is read as the domain's identity (a fact), never compared: all else must be equal.
+    without, full = domxml.parse_domain(ET.tostring(root, encoding="unicode")), domxml.parse_domain(text)
+    assert {k: v for k, v in without.items() if k != "uuid"} == {k: v for k, v in full.items() if k != "uuid"}
+
+
 def _desired(spec: dict, labels=None) -> Resource:
     return Resource(ResourceId("VirtualMachine", "demo-gw-1"), VirtualMachineRules.normalise(spec), labels or {},
                     declared=frozenset(spec))
@@ -49,8 +69,8 @@ def _desired(spec: dict, labels=None) -> Resource:
      "boot": ["hd"], "description": "edge gateway (demo)"},
     {"hypervisor": "qemu", "memory": "256MiB", "maxMemory": "512MiB", "vcpus": 1, "maxVcpus": 2, "interfaces": []},
     {"hypervisor": "qemu", "memory": "256MiB", "maxMemory": "512MiB", "vcpus": 1, "maxVcpus": 2,
-     "disks": [{"path": "/work/main/.run/pools/demo-edge/demo-gw-data", "target": "vdb"},
-               {"path": "/work/main/.run/pools/demo-edge/demo-gw-root", "target": "vda", "bus": "virtio"}]},
+     "disks": [{"path": "/var/lib/libvirt/images/demo-edge/demo-gw-data", "target": "vdb"},
+               {"path": "/var/lib/libvirt/images/demo-edge/demo-gw-root", "target": "vda", "bus": "virtio"}]},
 ], ids=["units", "bytes-and-fractions", "machine-alias", "defaults", "no-interfaces", "disk-order-and-bus-default"])
 def test_normalisation_table_no_false_drift(declared):
     running = domxml.parse_domain((DATA / "qemu-running-domain.xml").read_text())
