@@ -1,5 +1,5 @@
-"""A StatusReport as text for a terminal: the host line, a VM table, the broker's figures, the other
-objects. A small hand-made table: the columns are fixed and few, so a table library would add a
+"""A StatusReport as text for a terminal: the host line, a VM table (MEMORY is in use/assigned, DISK
+allocation/capacity, NET bytes received/sent), the broker's figures, the other objects. A small hand-made table: the columns are fixed and few, so a table library would add a
 dependency without earning it; long names are shortened to keep each line within the width."""
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def render(report: StatusReport, width: int = 100) -> str:
     h = report.host
     running = sum(1 for v in report.vms if v.state == "running")
     mode = "NOWAIT" if h.nowait else "no NOWAIT"
-    lines = [f"host {h.hostname} ({h.libvirt_uri}, {h.driver} libvirt {h.libvirt_version}): {h.cpus} CPUs, "
-             f"{size(h.memory_bytes)} memory; {len(report.vms)} VMs, {running} running; "
+    lines = [f"host {h.hostname}: {h.cpus} CPUs, {size(h.memory_bytes)} memory; {len(report.vms)} VMs, {running} running",
+             f"  {h.libvirt_uri} ({h.driver}, libvirt {h.libvirt_version}); "
              f"statistics in {h.stats_call_seconds * 1000:.1f} ms ({mode})"]
     if h.fallback:
         lines.append(f"  statistics read VM by VM: {h.fallback}")
@@ -81,8 +81,10 @@ def render(report: StatusReport, width: int = 100) -> str:
             rows.append((v.name, v.state, "yes" if v.managed else "no",
                          "stale" if v.stale else (v.sync or ("undeclared" if report.planned else "-")), cpu(v),
                          memory(v), disk(v), net(v), duration(v.backup_age_seconds)))
-        table = _table(("VM", "STATE", "MANAGED", "SYNC", "CPU", "MEM USED/SET", "DISK ALLOC/CAP", "NET RX/TX", "BACKUP"),
-                       rows, width)
+        header = ("VM", "STATE", "MANAGED", "SYNC", "CPU", "MEMORY", "DISK", "NET RX/TX", "BACKUP")
+        # Figures no VM has (no interfaces with counters, no backups) make no column: room for names.
+        keep = [i for i in range(len(header)) if i < 4 or any(r[i] != "-" for r in rows)]
+        table = _table(tuple(header[i] for i in keep), [tuple(r[i] for i in keep) for r in rows], width)
         lines.append("")
         lines.append(table[0])
         for v, line in zip(report.vms, table[1:]):
@@ -98,8 +100,8 @@ def render(report: StatusReport, width: int = 100) -> str:
             lines.append(f"broker {b.url}: figures unavailable: {b.error}")
         else:
             rate = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-            lines.append(f"broker {b.url} (mosquitto {b.version or '?'}, up {duration(b.uptime_seconds)}): "
-                         f"{b.clients_connected if b.clients_connected is not None else '-'} clients connected, "
+            lines.append(f"broker {b.url}: mosquitto {b.version or '?'}, up {duration(b.uptime_seconds)}")
+            lines.append(f"  {b.clients_connected if b.clients_connected is not None else '-'} clients connected, "
                          f"{rate(b.received_per_second)} msg/s in, {rate(b.sent_per_second)} msg/s out, "
                          f"{b.retained_messages if b.retained_messages is not None else '-'} retained messages")
         for t in b.topics:

@@ -110,7 +110,7 @@ def parse(name: str, rec: dict, driver: str) -> DomainStats:
     if state in ("running", "paused"):
         missing = [k for k in EXPECTED.get(driver, ()) if k not in rec]
         if missing:
-            stale = f"libvirt returned no {', '.join(missing)} (the domain was busy; figures skipped, not waited for)"
+            stale = f"busy: libvirt skipped {', '.join(missing)} rather than wait (NOWAIT)"
     return DomainStats(name, state, _int(rec, "vcpu.current"), _int(rec, "cpu.time"), _int(rec, "balloon.current"),
                        _int(rec, "balloon.maximum"), _int(rec, "balloon.rss"), _int(rec, "balloon.available"),
                        _int(rec, "balloon.unused"), tuple(blocks), tuple(nets), stale)
