@@ -102,6 +102,8 @@ class StoragePoolRules:
     kind = "StoragePool"
     target = "libvirt"
     prunable = False
+    show = staticmethod(show)
+    to_manifest = staticmethod(lambda live, ctx: _pool_to_manifest(live, ctx))
 
     @staticmethod
     def resolve_paths(spec: dict, base: str) -> dict:
@@ -186,6 +188,9 @@ class DiskRules:
     kind = "Disk"
     target = "libvirt"
     prunable = False
+    show = staticmethod(show)
+    to_manifest = staticmethod(lambda live, ctx: _disk_to_manifest(live, ctx))
+    export_needs = staticmethod(lambda live, ctx: _disk_export_needs(live, ctx))
 
     @staticmethod
     def resolve_paths(spec: dict, base: str) -> dict:
@@ -400,6 +405,9 @@ class VirtualMachineRules:
     kind = "VirtualMachine"
     target = "libvirt"
     prunable = True
+    show = staticmethod(show)
+    to_manifest = staticmethod(lambda live, ctx: _vm_to_manifest(live, ctx))
+    export_needs = staticmethod(lambda live, ctx: _vm_export_needs(live, ctx))
 
     @staticmethod
     def resolve_paths(spec: dict, base: str) -> dict:
@@ -573,6 +581,9 @@ def _unreachable_disks(ctx: PlanContext, d: dict, targets: set | None) -> str | 
             why = unreachable(ctx, os.path.dirname(k[f]), f"the folder of the kernel's {f}")
             if why:
                 return why
+    seed_pool = (d.get("cloudInit") or {}).get("pool")
+    if seed_pool:
+        return unreachable(ctx, pool_path(ctx, seed_pool), f"the folder of the seed's pool {seed_pool!r}")
     return None
 
 
@@ -685,3 +696,118 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
     if not actions:
         return [_noop(r, live, "memory, vcpus, state and declared devices match")]
     return actions
+
+
+# --------------------------------------------------------------------------- export (to_manifest)
+
+def _pool_to_manifest(p: Live, ctx):
+    from .exporting import Doc
+    s = p.spec
+    if s.get("type") != "dir":
+        ctx.notes.append(f"{p.id} skipped: pool type {s.get('type')!r} is not supported (only dir)")
+        return None
+    doc = Doc("StoragePool", p.id.name, {"type": "dir", "path": s["path"], "autostart": bool(s.get("autostart"))})
+    if not p.facts.get("active", True):
+        doc.comments.append("this pool is not active on the host: applying starts it")
+    return doc
+
+
+def _disk_to_manifest(d: Live, ctx):
+    from .exporting import Doc
+    s = d.spec
+    if s.get("format") not in ("qcow2", "raw"):
+        ctx.notes.append(f"{d.id} skipped: volume format {s.get('format')!r} is not supported (qcow2 or raw)")
+        return None
+    if not s.get("capacity"):
+        ctx.notes.append(f"{d.id} skipped: it has no capacity")
+        return None
+    spec: dict[str, Any] = {"pool": s["pool"], "capacity": format_bytes(s["capacity"]), "format": s["format"]}
+    b = s.get("backingStore")
+    if b:
+        base = ctx.disks_by_path.get(b)
+        spec["backingStore"] = {"disk": base.id.name} if base is not None and ctx.exported(base.id) else {"path": b}
+    return Doc("Disk", d.id.name, spec)
+
+
+def _disk_export_needs(d: Live, ctx) -> list[ResourceId]:
+    """A disk needs its pool and the volume it is backed by."""
+    out = [ResourceId("StoragePool", d.spec["pool"])] if d.spec.get("pool") else []
+    base = ctx.disks_by_path.get(d.spec.get("backingStore"))
+    if base is not None:
+        out.append(base.id)
+    return out
+
+
+def _vm_export_needs(v: Live, ctx) -> list[ResourceId]:
+    """A VM needs the volumes its disks are."""
+    return [ctx.disks_by_path[d["path"]].id for d in v.spec.get("disks", ()) if d.get("path") in ctx.disks_by_path]
+
+
+def _vm_to_manifest(v: Live, ctx):
+    from .exporting import Doc, unmanaged_comment
+    s = v.spec
+    facts = v.facts
+    comments: list[str] = []
+    spec: dict[str, Any] = {"hypervisor": s.get("hypervisor")}
+    spec["memory"] = format_bytes(s["memory"])
+    if s.get("maxMemory") and s["maxMemory"] != s["memory"]:
+        spec["maxMemory"] = format_bytes(s["maxMemory"])
+    spec["vcpus"] = s["vcpus"]
+    if s.get("maxVcpus") and s["maxVcpus"] != s["vcpus"]:
+        spec["maxVcpus"] = s["maxVcpus"]
+    spec["state"] = facts.get("state", "shutoff")
+    spec["autostart"] = bool(facts.get("autostart", False))
+    if s.get("arch"):
+        spec["arch"] = s["arch"]
+    if s.get("machine"):
+        spec["machine"] = s["machine"]
+    boot = list(s.get("boot") or [])
+    if boot and all(b in ("hd", "cdrom", "network") for b in boot) and len(set(boot)) == len(boot):
+        spec["boot"] = boot
+    elif boot:
+        comments.append(f"boot not exported: {boot} cannot be written in a manifest")
+
+    # Every device a manifest can express is exported; one it cannot (an empty CD-ROM drive, a
+    # macvtap NIC) is left out alone, with a comment: the kind never compares nor removes such a device.
+    disks = []
+    for d in s.get("disks", ()):
+        why = inexpressible_disk(d)
+        if why:
+            comments.append(f"disk {why}: a manifest cannot express it; it is left as it is")
+            continue
+        vol = ctx.disks_by_path.get(d["path"])
+        entry: dict[str, Any]
+        if vol is not None and ctx.exported(vol.id) and d.get("device", "disk") == "disk":
+            entry = {"disk": vol.id.name, "target": d["target"], "bus": d["bus"]}
+        else:
+            entry = {"path": d["path"], "target": d["target"], "bus": d["bus"]}
+            if d.get("device", "disk") != "disk":
+                entry["device"] = d["device"]
+        disks.append(entry)
+    spec["disks"] = disks
+
+    ifaces = []
+    for i in s.get("interfaces", ()):
+        why = inexpressible_interface(i)
+        if why:
+            comments.append(f"{why} cannot be written in a manifest; it is left as it is")
+            continue
+        e: dict[str, Any] = {k: i[k] for k in ("network", "bridge", "user") if k in i}
+        if i.get("model"):
+            e["model"] = i["model"]
+        if i.get("mac"):
+            e["mac"] = i["mac"]
+        ifaces.append(e)
+    spec["interfaces"] = ifaces
+
+    g = s.get("graphics") or {"type": "none"}
+    if g.get("type") == "none":
+        spec["graphics"] = "none"
+    elif g.get("type") in ("vnc", "spice"):
+        spec["graphics"] = g["type"] if g.get("listen", "127.0.0.1") == "127.0.0.1" else \
+            {"type": g["type"], "listen": g["listen"]}
+    else:
+        comments.append(f"graphics not exported: type {g.get('type')!r}")
+    if s.get("description"):
+        spec["description"] = s["description"]
+    return Doc("VirtualMachine", v.id.name, spec, dict(v.labels), unmanaged_comment(v) + comments)

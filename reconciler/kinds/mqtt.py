@@ -1,4 +1,4 @@
-"""PURE rules of the MQTT kinds (MqttRole, MqttGroup, MqttClient, Topic): checking and normalising declared
+"""PURE rules of the MQTT kinds (MqttRole, MqttGroup, MqttClient, Topic, MqttDefaults): checking and normalising declared
 specs, the references they make, and classifying desired vs live into actions with reasons. No I/O here
 except reading a client's password source in check/normalise (so that validate names a missing one).
 
@@ -12,7 +12,10 @@ Comparison rules, in one place:
 - only declared fields are compared (description, textName, clientId, roles, groups, a role's acls
   unless Topics give it some), plus `disabled` (default false) and the labels;
 - a password is compared by verifying the resolved secret against the salted fingerprint kept in
-  the client's marker: changed or unknown -> one write-only change, never a value.
+  the client's marker (changed or unknown), and by the provider's test login with it (refused: the
+  password was changed on the broker): either way one write-only change, never a value;
+- MqttDefaults compares only the declared aclAccess entries and anonymousGroup; it is never created,
+  deleted or pruned, and the group that is the broker's anonymous group is never pruned.
 """
 from __future__ import annotations
 
@@ -32,6 +35,12 @@ ACL_TYPES = ("publishClientSend", "publishClientReceive", "subscribeLiteral", "s
 # dynsec's own default priority of a role or group membership (it lists no priority for it).
 DEFAULT_MEMBER_PRIORITY = -1
 MAX_TOPIC_BYTES = 65535
+# dynsec's default ACL access types (getDefaultACLAccess / setDefaultACLAccess).
+ACL_ACCESS = ("publishClientSend", "publishClientReceive", "subscribe", "unsubscribe")
+# The one MqttDefaults object per broker.
+DEFAULTS_NAME = "default"
+ANONYMOUS_GROUP_KEPT = ("the broker's anonymous group: never deleted, --prune included (deleting it crashes "
+                        "Mosquitto 2.0.11); point MqttDefaults.anonymousGroup elsewhere first")
 
 
 # --------------------------------------------------------------------------- topics
@@ -210,6 +219,7 @@ class MqttRoleRules:
     kind = "MqttRole"
     target = "mqtt"
     prunable = True
+    to_manifest = staticmethod(lambda live, ctx: _role_to_manifest(live, ctx))
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -260,6 +270,8 @@ class MqttGroupRules:
     kind = "MqttGroup"
     target = "mqtt"
     prunable = True
+    to_manifest = staticmethod(lambda live, ctx: _group_to_manifest(live, ctx))
+    export_needs = staticmethod(lambda live, ctx: _member_needs(live, ctx))
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -293,6 +305,11 @@ class MqttGroupRules:
                            needs=needs)]
         return [_noop(r, live, "roles, description and labels match")]
 
+    @staticmethod
+    def keep(live: Live) -> str | None:
+        """Why --prune must keep this live group although no manifest declares it, or None."""
+        return ANONYMOUS_GROUP_KEPT if live.facts.get("anonymous") else None
+
 
 # --------------------------------------------------------------------------- MqttClient
 
@@ -300,6 +317,8 @@ class MqttClientRules:
     kind = "MqttClient"
     target = "mqtt"
     prunable = True
+    to_manifest = staticmethod(lambda live, ctx: _client_to_manifest(live, ctx))
+    export_needs = staticmethod(lambda live, ctx: _member_needs(live, ctx))
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -361,18 +380,31 @@ class MqttClientRules:
         changes = _common_changes(r, live, ("clientId", "description", "textName"), ctx)
         if d["disabled"] != live.spec.get("disabled", False):
             changes.append(FieldChange("spec.disabled", live.spec.get("disabled", False), d["disabled"]))
-        if d["password"] is not None and not verify(d["password"].reveal(), live.facts.get("fingerprint")):
-            changes.append(FieldChange("spec.password", None, None, secret=True))
+        password_why = None
+        if d["password"] is not None:
+            if not verify(d["password"].reveal(), live.facts.get("fingerprint")):
+                password_why = "password source changed" if live.facts.get("fingerprint") \
+                    else "password not set by reconciler"
+            elif live.facts.get("login") == "refused":
+                password_why = "password changed on the broker (a login with the declared one is refused)"
+            if password_why:
+                changes.append(FieldChange("spec.password", None, None, secret=True))
         if "roles" in r.declared:
             changes += _ref_changes("roles", live.spec.get("roles"), d["roles"])
         if "groups" in r.declared:
             changes += _ref_changes("groups", live.spec.get("groups"), d["groups"])
         if changes:
             reason = _reason(changes, "client")
-            if any(c.path == "spec.password" for c in changes) and not live.facts.get("fingerprint"):
-                reason = reason.replace("password source changed", "password not set by reconciler")
+            if password_why:
+                reason = reason.replace("password source changed", password_why)
             return [Action("update", r.id, reason, tuple(changes), desired=r, live=live, needs=needs)]
-        return [_noop(r, live, "password, roles, groups and labels match")]
+        if d["password"] is None:
+            return [_noop(r, live, "roles, groups and labels match")]
+        if live.facts.get("login") == "accepted":
+            return [_noop(r, live, "password (a test login was accepted), roles, groups and labels match")]
+        untested = live.facts.get("login_untested")
+        return [_noop(r, live, "password fingerprint, roles, groups and labels match"
+                      + (f" (password not tested by a login: {untested})" if untested else ""))]
 
 
 # --------------------------------------------------------------------------- Topic
@@ -381,6 +413,7 @@ class TopicRules:
     kind = "Topic"
     target = "mqtt"
     prunable = True
+    to_manifest = staticmethod(lambda live, ctx: _topic_to_manifest(live, ctx))
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -461,3 +494,140 @@ def payload_matches(want: dict, have: str | None) -> bool:
         except ValueError:
             return False
     return False
+
+
+# --------------------------------------------------------------------------- MqttDefaults
+
+class MqttDefaultsRules:
+    """dynsec's broker-wide defaults: the ACL access of a client no ACL speaks for, and the group
+    whose roles anonymous clients get. One per broker; no marker (the broker has nowhere to keep
+    one), so it is never created, deleted, pruned or adopted: only its declared fields are set."""
+    kind = "MqttDefaults"
+    target = "mqtt"
+    prunable = False
+
+    @staticmethod
+    def check(name: str, spec: dict):
+        if name != DEFAULTS_NAME:
+            return [(("metadata", "name"), f"a broker has one MqttDefaults: name it {DEFAULTS_NAME!r}, "
+                                           f"not {name!r}")]
+        return []
+
+    @staticmethod
+    def normalise(spec: dict) -> dict:
+        return {"aclAccess": {k: v for k, v in (spec.get("aclAccess") or {}).items()},
+                "anonymousGroup": spec.get("anonymousGroup")}
+
+    @staticmethod
+    def references(spec: dict):
+        if spec.get("anonymousGroup"):
+            yield ("MqttGroup", spec["anonymousGroup"], ("spec", "anonymousGroup"))
+
+    @staticmethod
+    def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
+        have = live.spec if live is not None else {}
+        have_access = have.get("aclAccess") or {}
+        changes = [FieldChange(f"spec.aclAccess.{k}", have_access.get(k), v)
+                   for k, v in sorted(r.spec["aclAccess"].items()) if have_access.get(k) != v]
+        want, now = r.spec["anonymousGroup"], have.get("anonymousGroup") or ""
+        refused, needs = None, ()
+        if want is not None and want != now:
+            changes.append(FieldChange("spec.anonymousGroup", now, want))
+            if want == "":
+                # Mosquitto 2.0 (2.0.11 to 2.0.18) answers setAnonymousGroup "" with "Group not found".
+                refused = (f"the broker's anonymous group is {now!r} and Mosquitto 2.0 cannot unset it "
+                           "(setAnonymousGroup \"\" is refused): declare a group without roles as "
+                           "anonymousGroup, or set allow_anonymous false in mosquitto.conf")
+            else:
+                needs = _missing_needs(ctx, (ResourceId("MqttGroup", want),))
+        if not changes:
+            return [_noop(r, live, "declared broker defaults match")]
+        what = ", ".join(c.path.removeprefix("spec.") for c in changes)
+        return [Action("update", r.id, f"broker defaults differ: {what}", tuple(changes), desired=r, live=live,
+                       refused=refused, needs=needs)]
+
+
+# --------------------------------------------------------------------------- export (to_manifest)
+
+PASSWORD_PLACEHOLDER = "__reconciler_password_placeholder__"
+
+
+def password_env(client: str) -> str:
+    """The placeholder variable of an exported client's password: sensor-01 -> MQTT_PASSWORD_SENSOR_01."""
+    import re
+    return "MQTT_PASSWORD_" + re.sub(r"[^A-Za-z0-9]", "_", client).upper()
+
+
+def _text_fields(s: dict, spec: dict) -> None:
+    if s.get("description"):
+        spec["description"] = s["description"]
+    if s.get("textName"):
+        spec["textName"] = s["textName"]
+
+
+def _member_refs(items) -> list[dict]:
+    """Role or group references as a manifest writes them: the default priority left out."""
+    out = []
+    for r in items or ():
+        e = {"name": r["name"]}
+        if r.get("priority", DEFAULT_MEMBER_PRIORITY) != DEFAULT_MEMBER_PRIORITY:
+            e["priority"] = r["priority"]
+        out.append(e)
+    return out
+
+
+def _mqtt_doc(live: Live, spec: dict):
+    from .exporting import Doc, unmanaged_comment
+    return Doc(live.id.kind, live.id.name, spec, dict(live.labels), unmanaged_comment(live))
+
+
+def _role_to_manifest(live: Live, ctx):
+    spec: dict[str, Any] = {}
+    _text_fields(live.spec, spec)
+    spec["acls"] = [{"type": a["type"], "topic": a["topic"], "allow": a["allow"], "priority": a["priority"]}
+                    for a in live.spec.get("acls") or ()]
+    return _mqtt_doc(live, spec)
+
+
+def _group_to_manifest(live: Live, ctx):
+    spec: dict[str, Any] = {}
+    _text_fields(live.spec, spec)
+    spec["roles"] = _member_refs(live.spec.get("roles"))
+    return _mqtt_doc(live, spec)
+
+
+def _client_to_manifest(live: Live, ctx):
+    s = live.spec
+    # Secrets are never read back: a placeholder the renderer turns into a fromEnv line.
+    spec: dict[str, Any] = {"password": PASSWORD_PLACEHOLDER}
+    if s.get("clientId"):
+        spec["clientId"] = s["clientId"]
+    _text_fields(s, spec)
+    spec["roles"] = _member_refs(s.get("roles"))
+    spec["groups"] = _member_refs(s.get("groups"))
+    if s.get("disabled"):
+        spec["disabled"] = True
+    doc = _mqtt_doc(live, spec)
+    doc.password = (password_env(live.id.name), bool(live.managed and live.facts.get("fingerprint")))
+    return doc
+
+
+def _topic_to_manifest(live: Live, ctx):
+    from .exporting import Doc
+    r = live.spec.get("retained") or {}
+    if live.facts.get("binary") or r.get("payload") is None:
+        ctx.notes.append(f"{live.id} skipped: its retained message is binary, a manifest holds text")
+        return None
+    if live.id.name.startswith("$"):
+        return None
+    doc = Doc("Topic", live.id.name, {"retained": {"payload": r["payload"], "qos": r.get("qos", 1)}}, dict(live.labels))
+    if not live.managed:
+        doc.comments.append("retained message not published by the reconciler: applying this adopts it")
+    return doc
+
+
+def _member_needs(live: Live, ctx) -> list[ResourceId]:
+    """A group or client needs the roles (and groups) it names: a reference must resolve."""
+    out = [ResourceId("MqttRole", r["name"]) for r in live.spec.get("roles") or ()]
+    out += [ResourceId("MqttGroup", g["name"]) for g in live.spec.get("groups") or ()]
+    return out
