@@ -343,3 +343,33 @@ def test_a_broker_that_cannot_be_read_is_an_error_beside_the_host(test_unix_uri,
     run = mq.run("status", "-o", "json", "--sample", "0", env=env)
     assert run.code == 0, run.out + run.err
     assert run.json["broker"]["error"] is None and run.json["broker"]["version"]
+
+
+def test_a_stuck_bulk_call_falls_back_to_each_vm_with_a_deadline(qemu_uri, prefix, pool_dir, tmp_path):
+    """QEMU of one VM is stopped and nobody holds its job: the bulk call itself takes the job and waits
+    on the stopped monitor (NOWAIT cannot help the first caller). Past --stats-timeout each VM is
+    asked on its own with the same deadline: the healthy VM answers, the stuck one is stale."""
+    m = write(tmp_path / "site.yaml", *site(prefix, pool_dir, vms=("a", "b")))
+    env = {"RECONCILER_LIBVIRT_URI": qemu_uri, "RECONCILER_SCOPE": prefix.rstrip("-")}
+    apply_twice(m, env)
+    frozen, healthy = f"{prefix}a", f"{prefix}b"
+    pid = int(Path(f"/run/libvirt/qemu/{frozen}.pid").read_text().strip())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        run = status(str(m), "-o", "json", "--stats-timeout", "3s", env=env)
+        took = time.monotonic() - started
+        assert run.code == 0, run.out + run.err
+        rep = run.json
+        assert rep["host"]["fallback"] and "did not answer within 3s" in rep["host"]["fallback"]
+        assert vm_row(rep, frozen)["stale"], vm_row(rep, frozen)
+        ok = vm_row(rep, healthy)
+        assert ok["stale"] is None and ok["memory_bytes"] is not None and ok["state"] == "running"
+        print(f"status with a stuck VM took {took:.1f}s; stuck VM: {vm_row(rep, frozen)['stale']}")
+        assert took < 60, took
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while vm_row(status(str(m), "-o", "json", "--sample", "0", env=env).json, frozen)["stale"]:
+        assert time.monotonic() < deadline, "the VM stays stale after SIGCONT"
+        time.sleep(2)
