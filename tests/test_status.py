@@ -117,7 +117,8 @@ def test_status_shows_vm_figures_broker_and_drift(qemu_uri, prefix, pool_dir, tm
     row = vm_row(rep, vm)
     assert row["state"] == "running" and row["managed"] and row["declared"] and row["sync"] == "in sync"
     assert row["stale"] is None
-    assert row["cpu_percent"] is not None and 0 <= row["cpu_percent"] <= 100
+    # QEMU's own threads count too, so a busy 1-vCPU guest may pass 100 %; never the host's CPUs.
+    assert row["cpu_percent"] is not None and 0 <= row["cpu_percent"] <= 100 * rep["host"]["cpus"] + 5
     assert row["cpu_seconds"] > 0 and row["vcpus"] == 1
     assert row["memory_assigned_bytes"] == 64 * 1024 * 1024 and 0 < row["memory_bytes"] < 1024 ** 3
     [disk] = row["disks"]
@@ -214,7 +215,7 @@ def test_a_frozen_vm_is_stale_and_never_fails_the_view(qemu_uri, prefix, pool_di
     try:
         holder = subprocess.Popen(["virsh", "-c", qemu_uri, "domstats", frozen], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
-        time.sleep(2)            # the holder is now inside its job, waiting on the stopped monitor
+        time.sleep(3)            # the holder is now inside its job, waiting on the stopped monitor
         assert holder.poll() is None, "virsh domstats should be stuck on the stopped QEMU"
         started = time.monotonic()
         run = status(str(m), "-o", "json", "--stats-timeout", "20s", env=env)
