@@ -108,7 +108,11 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _config(d: Path, port: int, tls: dict | None = None) -> str:
+# The demo broker's queue for one session; None leaves Mosquitto's default (1000), as production brokers do.
+DEMO_MAX_QUEUED = 100000
+
+
+def _config(d: Path, port: int, tls: dict | None = None, max_queued: int | None = DEMO_MAX_QUEUED) -> str:
     extra = []
     if tls:
         extra = [f"listener {tls['port']} 127.0.0.1", f"certfile {tls['certfile']}", f"keyfile {tls['keyfile']}"]
@@ -126,7 +130,7 @@ def _config(d: Path, port: int, tls: dict | None = None) -> str:
         "autosave_interval 60",
         # The retained sweep queues every retained message for the reconciler's session at once;
         # the default cap (1000) would drop the rest at fleet scale and a plan would see them missing.
-        "max_queued_messages 100000",
+        *([f"max_queued_messages {max_queued}"] if max_queued is not None else []),
         f"log_dest file {d / 'mosquitto.log'}",
         "log_type error",
         "log_type warning",
@@ -237,10 +241,11 @@ def _die_with_parent() -> None:
 
 
 def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None,
-          die_with_parent: bool = False) -> Broker:
+          die_with_parent: bool = False, max_queued_messages: int | None = DEMO_MAX_QUEUED) -> Broker:
     """Start (or find running) the broker of `dir` on 127.0.0.1:`port`. `tls` ({port, certfile, keyfile})
     adds a TLS listener on 127.0.0.1 (the tests' mqtts:// broker). `die_with_parent` (the test fixtures)
-    stops the broker when the calling process dies without stopping it (a killed pytest)."""
+    stops the broker when the calling process dies without stopping it (a killed pytest).
+    `max_queued_messages=None` leaves Mosquitto's default (1000): a broker as production runs it."""
     d = Path(dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     pid = _pid(d)
@@ -253,7 +258,7 @@ def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None,
         raise DevBrokerError(f"127.0.0.1:{port} is already in use by another process (the distribution's "
                              "mosquitto service? `systemctl disable --now mosquitto`, or choose another --port)")
     conf = d / "mosquitto.conf"
-    _write_private(conf, _config(d, port, tls))
+    _write_private(conf, _config(d, port, tls, max_queued_messages))
     log = open(d / "mosquitto.log", "ab")
     try:
         proc = subprocess.Popen([_find_binary("mosquitto"), "-c", str(conf)], stdin=subprocess.DEVNULL,
