@@ -37,8 +37,12 @@ def plan(desired: list[Resource], snapshot: Snapshot, options: Options = Options
     for lid, live in sorted(snapshot.objects.items()):
         if lid in by_id:
             continue
-        if lid.kind in PRUNABLE and live.managed and live.facts.get("scope", "default") == options.scope:
-            if options.prune:
+        if lid.kind in PRUNABLE and live.managed and live.scope == options.scope:
+            # A kind may keep a live object from --prune, with the reason (the broker's anonymous group).
+            kept = getattr(KIND_RULES[lid.kind], "keep", lambda live: None)(live)
+            if kept:
+                orphans.append((lid, kept))
+            elif options.prune:
                 prunes.append(Action("delete", lid, "managed, and no manifest declares it (--prune)", live=live))
             else:
                 orphans.append((lid, "managed, and no manifest declares it: kept (use --prune to delete)"))
@@ -51,7 +55,7 @@ def plan(desired: list[Resource], snapshot: Snapshot, options: Options = Options
             raise PlanError("refusing to prune: the manifests declare nothing (a wrong path would wipe the host)")
         if not options.force:
             managed = Counter(lid.kind for lid, l in snapshot.objects.items()
-                              if l.managed and lid.kind in PRUNABLE and l.facts.get("scope", "default") == options.scope)
+                              if l.managed and lid.kind in PRUNABLE and l.scope == options.scope)
             for kind, n in Counter(a.id.kind for a in prunes).items():
                 if n > PRUNE_MAX_COUNT and n > managed[kind] * PRUNE_MAX_SHARE:
                     raise PlanError(f"refusing to prune {n} of {managed[kind]} managed {kind} objects "

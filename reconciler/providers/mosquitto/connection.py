@@ -1,7 +1,8 @@
 """One MQTT v5 session with the broker (the only module that imports paho): connect within a deadline,
 dynamic-security requests matched to responses by correlationData, acknowledged QoS 1 publishes with
 their reason codes, and the retained-message sweep (subscribe, then a sentinel round trip proves the
-retained burst is complete: no fixed sleeps).
+retained burst is complete: no fixed sleeps). Besides the session: throwaway logins that test whether
+the broker accepts a client's password (probe_logins), on their own short connections.
 
 Its own network thread runs paho's loop and never reconnects: a connection that goes away fails
 every waiting call with TargetError instead of silently resuming without its subscriptions.
@@ -14,6 +15,7 @@ import ssl
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -29,6 +31,12 @@ RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 SENTINEL_PREFIX = "reconciler/sweep/"
 CONNECT_TIMEOUT = 20.0      # TCP + TLS + CONNACK; the whole failure is reported within 30 s
 REQUEST_TIMEOUT = 15.0
+# Topics asked for by name per SUBSCRIBE: each burst stays far below Mosquitto's default
+# max_queued_messages (1000), which is what drops messages from one big `#` burst.
+SWEEP_BATCH = 100
+PROBE_WORKERS = 4
+PROBE_TIMEOUT = 10.0
+RC_CLIENT_ID_NOT_VALID = 0x85
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,15 @@ class Connection:
         self._password = password
         self.cafile = cafile
         self.request_timeout = request_timeout
-        self.client_id = f"reconciler-{uuid.uuid4().hex[:12]}"
+        # Empty: the broker assigns one and says which (MQTT v5), which tells whether it uses the user
+        # name as client id (use_username_as_clientid), see open().
+        self.client_id = ""
+        # True when the broker's listener makes every login's client id its user name: a login as a
+        # device's user would then take over the device's session. None: not known.
+        self.ids_are_usernames: bool | None = None
+        self._tls_session = None
+        # Names this session's sentinel topic and correlation data, whatever client id it gets.
+        self._token = f"reconciler-{uuid.uuid4().hex[:12]}"
         self._cond = threading.Condition()
         self._connack: mqtt.ReasonCode | None = None
         self._lost: str | None = None
@@ -77,7 +93,7 @@ class Connection:
         self._awaited: set[int] = set()
         self._subacks: dict[int, list] = {}
         self._sweep: dict[str, RetainedMessage] | None = None
-        self._sweep_filter: str | None = None
+        self._sweep_topics: set[str] | None = None   # None: every topic
         self._sentinel: str | None = None
         self._sentinel_seen = False
         self._seq = 0
@@ -89,8 +105,18 @@ class Connection:
     # ------------------------------------------------------------------ connect / close
 
     def open(self) -> None:
+        try:
+            self._open("")
+        except _ClientIdRefused:
+            # A broker that does not assign client ids (allow_zero_length_clientid false): our own id,
+            # and whether it ties client ids to user names stays unknown.
+            self.__init__(self.url, self.username, self._password, self.cafile, request_timeout=self.request_timeout)
+            self._open(f"reconciler-{uuid.uuid4().hex[:12]}")
+
+    def _open(self, client_id: str) -> None:
         deadline = time.monotonic() + CONNECT_TIMEOUT
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        self.client_id = client_id
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if self.username is not None:
             c.username_pw_set(self.username, self._password)
         if self.scheme == "mqtts":
@@ -122,7 +148,7 @@ class Connection:
             raise TargetError(f"broker {self.url} did not answer within {c.connect_timeout:.0f} s") from None
         except OSError as e:
             raise TargetError(f"cannot reach broker {self.url}: {e.strerror or e}") from None
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="mqtt-reconciler", daemon=True)
         self._thread.start()
         with self._cond:
             while self._connack is None and self._lost is None:
@@ -137,6 +163,8 @@ class Connection:
         if self._connack.is_failure:
             rc = self._connack
             self.close()
+            if client_id == "" and rc.value == RC_CLIENT_ID_NOT_VALID:
+                raise _ClientIdRefused()
             if not self.username:
                 raise TargetError(f"broker {self.url} refused an anonymous login ({rc}); give the admin login with "
                                   f"--mqtt-username or RECONCILER_MQTT_USERNAME and RECONCILER_MQTT_PASSWORD(_FILE)")
@@ -185,6 +213,10 @@ class Connection:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         with self._cond:
+            assigned = getattr(properties, "AssignedClientIdentifier", None) if properties is not None else None
+            if self.client_id == "" and assigned:
+                self.client_id = assigned
+                self.ids_are_usernames = self.username is not None and assigned == self.username
             self._connack = reason_code
             self._cond.notify_all()
 
@@ -224,12 +256,12 @@ class Connection:
         with self._cond:
             if self._sweep is None:
                 return
-            if self._sentinel is not None and topic == SENTINEL_PREFIX + self.client_id \
+            if self._sentinel is not None and topic == SENTINEL_PREFIX + self._token \
                     and msg.payload.decode("utf-8", "replace") == self._sentinel:
                 self._sentinel_seen = True
                 self._cond.notify_all()
                 return
-            if msg.retain and (self._sweep_filter in ("#", topic)):
+            if msg.retain and (self._sweep_topics is None or topic in self._sweep_topics):
                 props = getattr(msg.properties, "UserProperty", None) or []
                 self._sweep[topic] = RetainedMessage(topic, bytes(msg.payload), msg.qos, tuple(map(tuple, props)))
 
@@ -297,7 +329,7 @@ class Connection:
         with self._cond:
             for cmd in commands:
                 self._seq += 1
-                cid = f"{self.client_id}-{self._seq}"
+                cid = f"{self._token}-{self._seq}"
                 cmd["correlationData"] = cid
                 self._responses[cid] = None
                 cids.append(cid)
@@ -324,37 +356,162 @@ class Connection:
     # ------------------------------------------------------------------ retained messages
 
     def sweep(self, topic_filter: str = "#", timeout: float = 30.0) -> dict[str, RetainedMessage]:
-        """Every retained message matching `topic_filter`, read in one burst: subscribe, then a
-        sentinel published on our own topic (or, where the login may not publish there, a dynsec
-        round trip) arrives after the last retained message the broker queued for us."""
+        """Every retained message matching `topic_filter` (`#`, or one topic), read in one burst."""
+        return self._sweep_burst([topic_filter], timeout)
+
+    def sweep_topics(self, topics: list[str], timeout: float = 30.0) -> dict[str, RetainedMessage]:
+        """The retained messages of these topics, asked for by name, SWEEP_BATCH per subscription.
+
+        One `#` burst holds every retained message at once, and what does not fit the session's
+        queue (max_queued_messages, 1000 by default, for QoS 0 as soon as the socket backs up) is
+        dropped without a word; a batch of literal topics brings at most SWEEP_BATCH messages."""
+        found: dict[str, RetainedMessage] = {}
+        for i in range(0, len(topics), SWEEP_BATCH):
+            found.update(self._sweep_burst(topics[i:i + SWEEP_BATCH], timeout))
+        return found
+
+    def _sweep_burst(self, filters: list[str], timeout: float) -> dict[str, RetainedMessage]:
+        """Subscribe to `filters`, then a sentinel published on our own topic (or, where the login may
+        not publish there, a dynsec round trip) arrives after the last retained message the broker
+        queued for us: no fixed sleeps."""
         with self._cond:
             self._sweep = {}
-            self._sweep_filter = topic_filter
+            self._sweep_topics = None if "#" in filters else set(filters)
             self._sentinel = uuid.uuid4().hex
             self._sentinel_seen = False
-        sentinel_topic = SENTINEL_PREFIX + self.client_id
-        own = topic_filter != "#"      # `#` already covers the sentinel's topic
+        sentinel_topic = SENTINEL_PREFIX + self._token
+        own = "#" not in filters       # `#` already covers the sentinel's topic
+        wanted = ([sentinel_topic] if own else []) + list(filters)
         try:
-            if own:
-                self.subscribe(sentinel_topic, qos=1)
-            codes = self.subscribe(topic_filter, qos=2)
-            if codes[0] >= 128:
-                raise TargetError(f"user {self.username!r} may not subscribe to {topic_filter!r} on {self.url}, "
+            codes = self._subscribe_many([(t, 1 if t == sentinel_topic else 2) for t in wanted])
+            refused = [t for t, c in zip(wanted, codes) if c >= 128]
+            if refused:
+                what = refused[0] if len(refused) == 1 else f"{refused[0]!r} and {len(refused) - 1} more"
+                raise TargetError(f"user {self.username!r} may not subscribe to {what!r} on {self.url}, "
                                   "so retained messages cannot be read: grant it subscribePattern "
-                                  f"{topic_filter} (see README.md, MQTT limits)")
+                                  f"{filters[0] if len(filters) == 1 else '#'} (see README.md, MQTT limits)")
             try:
                 self.publish(sentinel_topic, self._sentinel, qos=1)
-                self._wait(lambda: True if self._sentinel_seen else None, "the retained-message sweep", timeout)
+                try:
+                    self._wait(lambda: True if self._sentinel_seen else None, "the retained-message sweep", timeout)
+                except TargetError as e:
+                    if self._lost:
+                        raise
+                    raise TargetError(f"{e}: the broker dropped messages queued for this session (its "
+                                      "max_queued_messages is smaller than the retained messages under "
+                                      f"{filters[0]!r})") from None
             except PublishRefused:
                 # The broker delivers to us in order, so any response queued after the subscription
                 # is also behind the retained burst.
                 self.request([{"command": "getDefaultACLAccess"}])
-            self.unsubscribe(topic_filter)
-            if own:
-                self.unsubscribe(sentinel_topic)
+            self._unsubscribe_many(wanted)
             with self._cond:
                 return dict(self._sweep)
         finally:
             with self._cond:
                 self._sweep = None
+                self._sweep_topics = None
                 self._sentinel = None
+
+    def _subscribe_many(self, topics: list[tuple[str, int]]) -> list[int]:
+        rc, mid = self._client.subscribe([(t, SubscribeOptions(qos=q, retainAsPublished=True)) for t, q in topics])
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TargetError(f"broker {self.url}: cannot subscribe to {topics[0][0]!r} ({mqtt.error_string(rc)})")
+        return self._wait(lambda: self._subacks.pop(mid, None), f"the subscription to {topics[0][0]!r}")
+
+    def _unsubscribe_many(self, topics: list[str]) -> None:
+        rc, mid = self._client.unsubscribe(list(topics))
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            self._wait(lambda: self._subacks.pop(mid, None), f"the unsubscription from {topics[0]!r}")
+
+    # ------------------------------------------------------------------ login probes
+
+    def probe_logins(self, logins: list[tuple[str, str]]) -> dict[str, int]:
+        """CONNACK reason code of one login as each (username, password): 0 accepted, 135 refused.
+
+        Each login is its own short connection with a random client id, clean start, no will, no
+        session, no subscription, closed with DISCONNECT at once: it takes over nobody's session
+        (unless the listener uses user names as client ids: check ids_are_usernames first) and
+        leaves nothing behind. Raises TargetError when a login cannot be made at all."""
+        if not logins:
+            return {}
+        ctx = None
+        if self.scheme == "mqtts":
+            try:
+                ctx = ssl.create_default_context(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as e:
+                raise TargetError(f"cannot use CA file {self.cafile}: {getattr(e, 'strerror', None) or e}") from None
+        with ThreadPoolExecutor(min(PROBE_WORKERS, len(logins)), thread_name_prefix="mqtt-probe") as pool:
+            codes = list(pool.map(lambda up: self._probe(ctx, *up), logins))
+        return {u: c for (u, _), c in zip(logins, codes)}
+
+    def _probe(self, ctx: ssl.SSLContext | None, username: str, password: str) -> int:
+        packet = _connect_packet(f"reconciler-probe-{uuid.uuid4().hex}", username, password)
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT)
+        except OSError as e:
+            raise TargetError(f"cannot reach broker {self.url} to test the password of {username!r}: "
+                              f"{e.strerror or e}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ctx is not None:
+                # One full handshake; the later probes resume its TLS session.
+                sock = ctx.wrap_socket(sock, server_hostname=self.host, session=self._tls_session)
+            sock.sendall(packet)
+            head = _read_exactly(sock, 2)
+            size, shift, byte = head[1] & 0x7F, 7, head[1]
+            while byte & 0x80:
+                byte = _read_exactly(sock, 1)[0]
+                size |= (byte & 0x7F) << shift
+                shift += 7
+            body = _read_exactly(sock, size)
+            if head[0] != 0x20 or len(body) < 2:
+                raise TargetError(f"broker {self.url} answered a login of {username!r} with something "
+                                  "other than CONNACK")
+            code = body[1]
+            if ctx is not None and self._tls_session is None:
+                self._tls_session = sock.session
+            if code == 0:
+                sock.sendall(b"\xe0\x00")        # DISCONNECT, normal: no will, nothing kept
+            return code
+        except (OSError, ssl.SSLError, EOFError) as e:
+            raise TargetError(f"broker {self.url}: a login to test the password of {username!r} failed: "
+                              f"{getattr(e, 'strerror', None) or e or 'connection closed'}") from None
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class _ClientIdRefused(Exception):
+    """The broker refused an empty client id (it assigns none)."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _connect_packet(client_id: str, username: str, password: str) -> bytes:
+    """An MQTT v5 CONNECT: user name, password, clean start, keep-alive 0, no properties (so the
+    session expires with the connection), no will."""
+    def s(b: bytes) -> bytes:
+        return len(b).to_bytes(2, "big") + b
+    body = s(b"MQTT") + bytes([5, 0xC2]) + b"\x00\x00" + b"\x00" \
+        + s(client_id.encode()) + s(username.encode()) + s(password.encode())
+    return b"\x10" + _varint(len(body)) + body
+
+
+def _read_exactly(sock, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("the broker closed the connection")
+        buf += chunk
+    return buf

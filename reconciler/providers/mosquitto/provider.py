@@ -1,22 +1,33 @@
-"""The Mosquitto provider: reads roles, groups, clients (one verbose dynsec list each) and retained
-messages (one sweep) into manifest-shaped Live objects, and carries out one planned action at a time
-through `$CONTROL/dynamic-security/v1` or a QoS 1 retained publish. It never decides whether to act.
+"""The Mosquitto provider: reads roles, groups, clients and the broker-wide defaults (one dynsec request,
+which the broker answers atomically) and retained messages (one sweep) into manifest-shaped Live
+objects, and carries out one planned action at a time through `$CONTROL/dynamic-security/v1` or a
+QoS 1 retained publish. It never decides whether to act.
+
+What only a declared value can tell is read for the objects `declare` named: whether the broker
+still accepts a client's declared password (a throwaway login, see probe_logins), and the retained
+message of each declared topic that the `#` sweep did not bring (asked for by name).
 
 Connects lazily, on the first read or apply: constructing it touches no network.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import Any, ClassVar, Iterable
 
 from ...errors import ApplyError, TargetError
 from ...kinds.registry import of_target
-from ...model import Action, Live, Options, ResourceId, Snapshot
-from ...secrets import fingerprint
+from ...kinds.mqtt import ACL_ACCESS, DEFAULTS_NAME, has_wildcards
+from ...model import Action, Live, Options, Resource, ResourceId, Snapshot
+from ...secrets import fingerprint, verify
 from . import marker
 from .connection import Connection, PublishRefused, RetainedMessage
 
 DYNSEC_KINDS = {"MqttRole": "listRoles", "MqttGroup": "listGroups", "MqttClient": "listClients"}
 DEFAULT_PRIORITY = -1
+# CONNACK reason codes of a refused login (2.0.11 answers 135 for a wrong password, a wrong client id
+# and a disabled client alike).
+LOGIN_REFUSED = (0x86, 0x87)
+MAX_MQTT_STRING = 65535
 
 
 def _refs(items: list[dict] | None, key: str) -> list[dict]:
@@ -47,14 +58,13 @@ def _live(kind: str, name: str, obj: dict, spec: dict) -> Live:
     facts: dict[str, Any] = {}
     if mark and isinstance(mark.get("pw"), str):
         facts["fingerprint"] = mark["pw"]
-    if mark:
-        facts["scope"] = str(mark.get("scope") or marker.DEFAULT_SCOPE)
-    return Live(ResourceId(kind, name), spec, labels, managed=mark is not None, facts=facts)
+    scope = str(mark.get("scope") or marker.DEFAULT_SCOPE) if mark else marker.DEFAULT_SCOPE
+    return Live(ResourceId(kind, name), spec, labels, managed=mark is not None, facts=facts, scope=scope)
 
 
 def _topic_live(m: RetainedMessage) -> Live:
     managed, labels, scope = marker.read_properties(list(m.user_properties))
-    facts: dict[str, Any] = {"size": len(m.payload), "scope": scope}
+    facts: dict[str, Any] = {"size": len(m.payload)}
     try:
         payload: str | None = m.payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -72,6 +82,20 @@ class MosquittoProvider:
         self._conn = Connection(url, username, password, cafile)   # validates the URL, no I/O
         self._open = False
         self._scope = marker.DEFAULT_SCOPE
+        self._passwords: dict[str, Any] = {}     # client name -> Secret, of the declared clients
+        self._topics: list[str] = []             # declared topics that can hold a retained message
+
+    def declare(self, resources: Iterable[Resource]) -> None:
+        """The objects the manifests declare, told before `read`: the read then tests each declared
+        client's password by a login and asks by name for declared topics the sweep did not bring.
+        Without it, a read relies on the fingerprints and the sweep alone."""
+        self._passwords, topics = {}, set()
+        for r in resources:
+            if r.id.kind == "MqttClient" and r.spec.get("password") is not None:
+                self._passwords[r.id.name] = r.spec["password"]
+            elif r.id.kind == "Topic" and not has_wildcards(r.id.name) and not r.id.name.startswith("$"):
+                topics.add(r.id.name)
+        self._topics = sorted(topics)
 
     def __repr__(self) -> str:
         return f"MosquittoProvider({self.url!r}, username={self._conn.username!r})"
@@ -99,32 +123,118 @@ class MosquittoProvider:
             return Snapshot({})
         conn = self._c()
         wanted = [k for k in ("MqttRole", "MqttGroup", "MqttClient") if k in kinds]
-        if wanted:
-            responses = conn.request([{"command": DYNSEC_KINDS[k], "verbose": True, "count": -1, "offset": 0}
-                                      for k in wanted])
-            for kind, resp in zip(wanted, responses):
-                if resp.get("error"):
-                    raise TargetError(f"broker {self.url}: {resp['command']} failed: {resp['error']}")
-                data = resp.get("data") or {}
-                if kind == "MqttRole":
-                    for o in data.get("roles", []):
-                        objects[ResourceId(kind, o["rolename"])] = _live(kind, o["rolename"], o,
-                                                                         {"acls": _acls(o.get("acls"))})
-                elif kind == "MqttGroup":
-                    for o in data.get("groups", []):
-                        objects[ResourceId(kind, o["groupname"])] = _live(
-                            kind, o["groupname"], o, {"roles": _refs(o.get("roles"), "rolename")})
-                else:
-                    for o in data.get("clients", []):
-                        objects[ResourceId(kind, o["username"])] = _live(kind, o["username"], o, {
-                            "clientId": o.get("clientid") or None,
-                            "roles": _refs(o.get("roles"), "rolename"),
-                            "groups": _refs(o.get("groups"), "groupname"),
-                            "disabled": bool(o.get("disabled", False))})
+        commands = [{"command": DYNSEC_KINDS[k], "verbose": True, "count": -1, "offset": 0} for k in wanted]
+        # The anonymous group is read with the groups too: it must never be deleted (see MqttGroupRules).
+        defaults = bool(kinds & {"MqttDefaults", "MqttGroup"})
+        if defaults:
+            commands += [{"command": "getDefaultACLAccess"}, {"command": "getAnonymousGroup"}]
+        # One message: the broker answers all its commands in one go, so the lists agree with each
+        # other (nothing listed here can have vanished from another list of the same read).
+        responses = conn.request(commands) if commands else []
+        for resp in responses:
+            if resp.get("error"):
+                raise TargetError(f"broker {self.url}: {resp['command']} failed: {resp['error']}")
+        for kind, resp in zip(wanted, responses):
+            data = resp.get("data") or {}
+            if kind == "MqttRole":
+                for o in data.get("roles", []):
+                    objects[ResourceId(kind, o["rolename"])] = _live(kind, o["rolename"], o,
+                                                                     {"acls": _acls(o.get("acls"))})
+            elif kind == "MqttGroup":
+                for o in data.get("groups", []):
+                    objects[ResourceId(kind, o["groupname"])] = _live(
+                        kind, o["groupname"], o, {"roles": _refs(o.get("roles"), "rolename")})
+            else:
+                for o in data.get("clients", []):
+                    objects[ResourceId(kind, o["username"])] = _live(kind, o["username"], o, {
+                        "clientId": o.get("clientid") or None,
+                        "roles": _refs(o.get("roles"), "rolename"),
+                        "groups": _refs(o.get("groups"), "groupname"),
+                        "disabled": bool(o.get("disabled", False))})
+        context: dict[str, Any] = {"mqtt_username": conn.username}
+        if defaults:
+            access = {a.get("acltype"): bool(a.get("allow")) for a in (responses[-2].get("data") or {}).get("acls", [])}
+            anonymous = ((responses[-1].get("data") or {}).get("group") or {}).get("groupname") or ""
+            context["mqtt_anonymous_group"] = anonymous
+            gid = ResourceId("MqttGroup", anonymous)
+            if gid in objects:
+                objects[gid] = replace(objects[gid], facts={**objects[gid].facts, "anonymous": True})
+            if "MqttDefaults" in kinds:
+                # No marker: the broker's defaults have nowhere to hold one (and are never pruned).
+                objects[ResourceId("MqttDefaults", DEFAULTS_NAME)] = Live(
+                    ResourceId("MqttDefaults", DEFAULTS_NAME),
+                    {"aclAccess": {k: access[k] for k in ACL_ACCESS if k in access}, "anonymousGroup": anonymous})
+        if "MqttClient" in kinds and self._passwords:
+            self._test_passwords(conn, objects)
         if "Topic" in kinds:
-            for m in conn.sweep("#").values():
+            found = conn.sweep("#")
+            missing = [t for t in self._topics if t not in found]
+            if missing:
+                found.update(conn.sweep_topics(missing))
+            for m in found.values():
                 objects[ResourceId("Topic", m.topic)] = _topic_live(m)
-        return Snapshot(objects, {"mqtt_username": conn.username})
+        return Snapshot(objects, context)
+
+    def _test_passwords(self, conn: Connection, objects: dict[ResourceId, Live]) -> None:
+        """Whether the broker still accepts each declared client's password: a password changed by
+        hand (setClientPassword) leaves our fingerprint as it was, so only a login can tell. Sets the
+        fact `login` (accepted | refused) or `login_untested` (why no login was made)."""
+        logins: list[tuple[str, str]] = []
+        for name, secret in sorted(self._passwords.items()):
+            rid = ResourceId("MqttClient", name)
+            live = objects.get(rid)
+            if live is None or not verify(secret.reveal(), live.facts.get("fingerprint")):
+                continue        # missing, or not our password anyway: the plan already changes it
+            why = self._untestable(conn, live, secret.reveal())
+            if why:
+                objects[rid] = replace(live, facts={**live.facts, "login_untested": why})
+            else:
+                logins.append((name, secret.reveal()))
+        codes = conn.probe_logins(logins)
+        refused = [n for n, c in codes.items() if c in LOGIN_REFUSED]
+        for name, code in codes.items():
+            rid = ResourceId("MqttClient", name)
+            if code == 0:
+                objects[rid] = replace(objects[rid], facts={**objects[rid].facts, "login": "accepted"})
+            elif code not in LOGIN_REFUSED:
+                objects[rid] = replace(objects[rid], facts={
+                    **objects[rid].facts, "login_untested": f"the broker answered the test login with reason code {code}"})
+        if not refused:
+            return
+        # A refusal can also mean the client went, or was disabled or tied to a client id, since the
+        # list: ask again, and read a client that has gone as gone.
+        answers = conn.request([{"command": "getClient", "username": n} for n in refused])
+        for name, resp in zip(refused, answers):
+            rid = ResourceId("MqttClient", name)
+            if resp.get("error") == "Client not found":
+                del objects[rid]
+                continue
+            if resp.get("error"):
+                raise TargetError(f"broker {self.url}: getClient {name!r} failed: {resp['error']}")
+            now = (resp.get("data") or {}).get("client") or {}
+            if now.get("disabled") or now.get("clientid"):
+                objects[rid] = replace(objects[rid], facts={
+                    **objects[rid].facts, "login_untested": "it was disabled or given a client id during the read"})
+            else:
+                objects[rid] = replace(objects[rid], facts={**objects[rid].facts, "login": "refused"})
+
+    @staticmethod
+    def _untestable(conn: Connection, live: Live, password: str) -> str | None:
+        """Why a login as this client could disturb it or tell nothing, or None when it is safe."""
+        if live.spec.get("clientId"):
+            return ("it has a fixed clientId: dynsec refuses any other client id before it checks the "
+                    "password, and a login with its own id would disconnect the device")
+        if live.spec.get("disabled"):
+            return "it is disabled: the broker refuses every login of a disabled client"
+        if conn.ids_are_usernames:
+            return ("the broker's listener uses user names as client ids (use_username_as_clientid): "
+                    "a test login would disconnect the device")
+        if conn.ids_are_usernames is None:
+            return ("the broker assigns no client ids, so whether it uses user names as client ids "
+                    "(and a test login would disconnect the device) is unknown")
+        if len(password.encode()) > MAX_MQTT_STRING or len(live.id.name.encode()) > MAX_MQTT_STRING:
+            return "the password is longer than MQTT can carry"
+        return None
 
     # ------------------------------------------------------------------ apply
 
@@ -133,9 +243,15 @@ class MosquittoProvider:
         kind = action.id.kind
         if kind == "Topic":
             return self._apply_topic(action)
+        if kind == "MqttDefaults":
+            if action.verb != "update":
+                raise ApplyError(f"MqttDefaults {action.id.name!r}: the broker's defaults are only ever updated")
+            return self._run(action, self._update_MqttDefaults(action))
         if kind not in DYNSEC_KINDS:
             raise ApplyError(f"{action.id}: not a Mosquitto kind")
         if action.verb == "delete":
+            if kind == "MqttGroup":
+                self._refuse_anonymous_group(action)
             cmd = {"MqttRole": ("deleteRole", "rolename"), "MqttGroup": ("deleteGroup", "groupname"),
                    "MqttClient": ("deleteClient", "username")}[kind]
             return self._run(action, [{"command": cmd[0], cmd[1]: action.id.name}])
@@ -199,22 +315,57 @@ class MosquittoProvider:
             cmd["acls"] = _dynsec_acls(action.desired.spec["acls"])
         return [cmd]
 
+    # Role memberships go through add/removeClientRole and add/removeGroupRole only: Mosquitto 2.0.11's
+    # createClient, createGroup and modifyGroup keep a role without telling the role, so a role deleted
+    # later leaves a dangling pointer and the next verbose list (every plan) can crash the broker.
+    @staticmethod
+    def _role_commands(action: Action, add: str, remove: str, key: str) -> list[dict]:
+        removes, adds = [], []
+        for c in action.changes:
+            if not c.path.startswith("spec.roles["):
+                continue
+            role = c.path[len("spec.roles["):-1]
+            if c.before is not None:        # removed, or its priority changed: remove, then add
+                removes.append({"command": remove, key: action.id.name, "rolename": role})
+            if c.after is not None:
+                adds.append({"command": add, key: action.id.name, "rolename": role,
+                             "priority": c.after.get("priority", DEFAULT_PRIORITY)})
+        return removes + adds
+
     def _create_MqttGroup(self, action: Action) -> list[dict]:
         cmd = {"command": "createGroup", "groupname": action.id.name}
         self._text_fields(action, cmd)
-        out = [cmd]
-        roles = action.desired.spec.get("roles", [])
-        if roles:
-            out.append({"command": "modifyGroup", "groupname": action.id.name,
-                        "roles": _dynsec_refs(roles, "rolename")})
-        return out
+        return [cmd] + [{"command": "addGroupRole", "groupname": action.id.name, "rolename": r["name"],
+                         "priority": r["priority"]} for r in action.desired.spec.get("roles", [])]
 
     def _update_MqttGroup(self, action: Action) -> list[dict]:
         cmd = {"command": "modifyGroup", "groupname": action.id.name}
         self._text_fields(action, cmd)
-        if "spec.roles" in self._paths(action):
-            cmd["roles"] = _dynsec_refs(action.desired.spec["roles"], "rolename")
-        return [cmd]
+        out = [cmd] if len(cmd) > 2 else []
+        return out + self._role_commands(action, "addGroupRole", "removeGroupRole", "groupname")
+
+    def _refuse_anonymous_group(self, action: Action) -> None:
+        """Checked again just before the delete (the plan may be older than the broker's setting):
+        deleting the anonymous group leaves Mosquitto 2.0.11 a dangling pointer and it crashes."""
+        try:
+            resp = self._c().request([{"command": "getAnonymousGroup"}])[0]
+        except TargetError as e:
+            raise ApplyError(f"MqttGroup {action.id.name!r}: {e}") from None
+        if ((resp.get("data") or {}).get("group") or {}).get("groupname") == action.id.name:
+            raise ApplyError(f"MqttGroup {action.id.name!r} is the broker's anonymous group: never deleted "
+                             "(deleting it crashes Mosquitto 2.0.11); set another anonymousGroup first")
+
+    def _update_MqttDefaults(self, action: Action) -> list[dict]:
+        d = action.desired.spec
+        paths = self._paths(action)
+        out = []
+        acls = [{"acltype": k, "allow": d["aclAccess"][k]} for k in ACL_ACCESS if f"spec.aclAccess.{k}" in paths]
+        if acls:
+            out.append({"command": "setDefaultACLAccess", "acls": acls})
+        if "spec.anonymousGroup" in paths:
+            # Kicks the anonymous clients connected now, so they reconnect with the new group's rights.
+            out.append({"command": "setAnonymousGroup", "groupname": d["anonymousGroup"]})
+        return out
 
     def _create_MqttClient(self, action: Action) -> list[dict]:
         d = action.desired.spec
@@ -226,9 +377,10 @@ class MosquittoProvider:
         self._text_fields(action, cmd, pw)
         if d.get("clientId"):
             cmd["clientid"] = d["clientId"]
-        cmd["roles"] = _dynsec_refs(d.get("roles", []), "rolename")
+        # Groups here are safe (the group is told); roles are not: addClientRole each (see _role_commands).
         cmd["groups"] = _dynsec_refs(d.get("groups", []), "groupname")
-        out = [cmd]
+        out = [cmd] + [{"command": "addClientRole", "username": action.id.name, "rolename": r["name"],
+                        "priority": r["priority"]} for r in d.get("roles", [])]
         if d.get("disabled"):
             out.append({"command": "disableClient", "username": action.id.name})
         return out
@@ -244,11 +396,10 @@ class MosquittoProvider:
         self._text_fields(action, cmd, pw)
         if "spec.clientId" in paths:
             cmd["clientid"] = d.get("clientId") or ""
-        if "spec.roles" in paths:
-            cmd["roles"] = _dynsec_refs(d["roles"], "rolename")
         if "spec.groups" in paths:
             cmd["groups"] = _dynsec_refs(d["groups"], "groupname")
         out = [cmd] if len(cmd) > 2 else []
+        out += self._role_commands(action, "addClientRole", "removeClientRole", "username")
         if "spec.disabled" in paths:
             out.append({"command": "disableClient" if d["disabled"] else "enableClient", "username": action.id.name})
         return out
