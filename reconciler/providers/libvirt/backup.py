@@ -385,10 +385,11 @@ def _delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:
         raise
 
 
-def _stale_job(dom: libvirt.virDomain, debris_paths: set) -> None:
-    """A backup job still copying into the remains of a killed run is aborted; anyone else's is not ours to stop."""
+def _stale_job(dom: libvirt.virDomain, debris_paths: set) -> bool:
+    """A backup job still copying into the remains of a killed run is aborted (True); anyone else's is
+    not ours to stop."""
     if not dom.isActive() or dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
-        return
+        return False
     try:
         targets = {t.get("file") for t in ET.fromstring(dom.backupGetXMLDesc(0)).iter("target")}
     except libvirt.libvirtError:
@@ -399,6 +400,7 @@ def _stale_job(dom: libvirt.virDomain, debris_paths: set) -> None:
     deadline = time.monotonic() + 60
     while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE and time.monotonic() < deadline:
         time.sleep(POLL)
+    return True
 
 
 def _freeze(dom: libvirt.virDomain) -> bool:
@@ -469,7 +471,7 @@ def _create_backup(p, a: Action, o: Options) -> str:
     pool = p._pool_of(spec["pool"])
     pool_dir = domxml.parse_pool(pool.XMLDesc(0))["path"] or ""
     debris = list(res.get("debris", ()))
-    _stale_job(dom, {f"{pool_dir.rstrip('/')}/{n}" for n in debris})
+    aborted = _stale_job(dom, {f"{pool_dir.rstrip('/')}/{n}" for n in debris})
     for name in debris:
         _delete_volume(pool, name)
     sources = _disk_formats(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -526,7 +528,9 @@ def _create_backup(p, a: Action, o: Options) -> str:
         raise
     took = time.monotonic() - started
     how = "live, the VM kept running" if live else "copied from the shut-off VM"
-    return f"backup {rules.listed(t)} of {', '.join(d['target'] for d in disks)} ({how}, {consistency}) in {took:.1f}s"
+    cleared = f"; removed an interrupted backup{' and aborted its job' if aborted else ''}" if debris else ""
+    return (f"backup {rules.listed(t)} of {', '.join(d['target'] for d in disks)} ({how}, {consistency}) "
+            f"in {took:.1f}s{cleared}")
 
 
 def _exists(pool: libvirt.virStoragePool, name: str) -> bool:
