@@ -645,8 +645,10 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
     replace = [c for c in cfg_changes if c.mode == "replace"]
     if replace:
         held = None if ctx.options.allow_replace else "changing " + ", ".join(c.path for c in replace) + " needs --allow-replace"
+        # Redefining drops libvirt's metadata of the VM's snapshots (their RAM state would not fit the new machine).
         return [Action("replace", r.id, "redefine with the same UUID: " + ", ".join(c.path for c in replace) + " differ",
-                       desired=r, live=live, changes=tuple(cfg_changes), held=held, needs=needs)]
+                       desired=r, live=live, changes=tuple(cfg_changes), held=held, needs=needs,
+                       refused=_snapshots_block(r.id.name, ctx))]
 
     changes = list(cfg_changes)
     if not live.managed:

@@ -572,6 +572,8 @@ class LibvirtProvider:
             xml = bootxml.decorate(xml, spec, None, seed)
         else:
             xml = bootxml.decorate(xml, spec, None, None)
+        # The records of snapshots taken and restores run (providers/libvirt/backup.py) outlive the redefinition.
+        xml = domxml.with_records(xml, domxml.records_of(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         dom = self.conn.defineXML(xml)
         dom.setAutostart(1 if spec["autostart"] else 0)
