@@ -653,8 +653,8 @@ def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Actio
     changes = list(cfg_changes)
     if not live.managed:
         changes.insert(0, FieldChange("metadata.managed", False, True, "live"))
-    elif live.facts.get("scope", "default") != ctx.options.scope:
-        changes.insert(0, FieldChange("metadata.scope", live.facts.get("scope"), ctx.options.scope, "live"))
+    elif live.scope != ctx.options.scope:
+        changes.insert(0, FieldChange("metadata.scope", live.scope, ctx.options.scope, "live"))
     changes += _labels_change(r, live)
 
     # Live-capable fields where the persistent definition matches but the running VM does not.
