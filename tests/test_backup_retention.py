@@ -150,3 +150,13 @@ def test_backup_ages_for_metrics():
     ages = rules.backup_ages(snap.objects, t0 + 100)
     assert ages == {"gw": 50.0}
     assert rules.age_metrics(ages)[-1] == 'reconciler_backup_age_seconds{vm="gw"} 50'
+
+
+def test_backup_ages_after_a_run_count_the_backup_it_made():
+    from reconciler.model import Result
+    t0 = T("2026-01-01 00:00")
+    plan = planner.plan(_resources({"last": 2}, "1h"), _snapshot([t0], t0 + 7200), Options())
+    (create,) = [a for a in plan.actions if a.verb == "create"]
+    assert rules.backup_ages_of_run(plan, None, t0 + 7200) == {"gw": 7200.0}
+    assert rules.backup_ages_of_run(plan, [Result(create, "applied")], t0 + 7200) == {"gw": 0.0}
+    assert rules.backup_ages_of_run(plan, [Result(create, "failed")], t0 + 7200) == {"gw": 7200.0}

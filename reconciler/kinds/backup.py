@@ -203,6 +203,19 @@ def backup_ages(objects: dict, now: float) -> dict[str, float]:
     return {vm: max(0.0, now - t) for vm, t in sorted(newest.items())}
 
 
+def backup_ages_of_run(plan: Any, results: Iterable[Any] | None, now: float) -> dict[str, float]:
+    """Newest-backup age per VM after a run, from its plan and results alone (no I/O): what the plan
+    read, with 0 for a VM whose backup this run made. For reconciler_backup_age_seconds{vm} in the
+    metrics file of plan/apply."""
+    objects = {a.id: a.live for a in plan.steps if a.id.kind == "BackupPolicy" and a.live is not None}
+    ages = backup_ages(objects, now)
+    for r in results or ():
+        a = r.action
+        if a.id.kind == "BackupPolicy" and a.verb == "create" and r.status == "applied" and a.desired is not None:
+            ages[a.desired.spec["vm"]] = 0.0
+    return dict(sorted(ages.items()))
+
+
 def age_metrics(ages: dict[str, float], host: str | None = None) -> list[str]:
     """Prometheus lines for reconciler_backup_age_seconds{vm}."""
     def esc(v: str) -> str:

@@ -555,6 +555,17 @@ def prune_backups(p, a: Action, o: Options) -> str:
 
 # --------------------------------------------------------------------------- listing
 
+def backup_ages(p, now: float | None = None) -> dict[str, float]:
+    """Seconds since each VM's newest good backup on the host, for `status` and metrics; `p` is a
+    LibvirtProvider whose read() has run (its volume list is reused: one manifest download per backup)."""
+    by_policy: dict[str, list] = {}
+    for b in read_backups(p, p.conn):
+        by_policy.setdefault(b.policy, []).append(b)
+    objects = {ResourceId("BackupPolicy", k): Live(ResourceId("BackupPolicy", k), {}, facts={"backups": tuple(v)})
+               for k, v in by_policy.items()}
+    return rules.backup_ages(objects, rules.now() if now is None else now)
+
+
 def list_backups(uri: str, policy: str | None = None) -> list[dict[str, Any]]:
     """Every backup on the host (good and unfinished), oldest first, with its size, for `reconciler backups`."""
     from .provider import LibvirtProvider
