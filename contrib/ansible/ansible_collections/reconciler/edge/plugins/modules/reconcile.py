@@ -21,7 +21,7 @@ description:
     reconciler's own message.
   - Secrets are handed to the reconciler through its environment, never on its command line.
 author:
-  - reconciler project
+  - reconciler project (@example)
 requirements:
   - The C(reconciler) command on the managed host (see O(reconciler_bin)).
 attributes:
