@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .backup import BackupPolicyRules, RestoreRules, SnapshotRules
 from .libvirt import DiskRules, StoragePoolRules, VirtualMachineRules
-from .mqtt import MqttClientRules, MqttGroupRules, MqttRoleRules, TopicRules
+from .mqtt import MqttClientRules, MqttDefaultsRules, MqttGroupRules, MqttRoleRules, TopicRules
 
 KINDS = (
     StoragePoolRules,
@@ -27,6 +27,7 @@ KINDS = (
     BackupPolicyRules,
     MqttRoleRules,
     MqttGroupRules,
+    MqttDefaultsRules,
     MqttClientRules,
     TopicRules,
 )
