@@ -18,7 +18,7 @@ DEMO_POOL := demo-edge
 DEMO_POOL_DIR := /var/lib/libvirt/images/reconciler-demo
 VIRSH := virsh -q -c $(DEMO_URI)
 
-.PHONY: setup demo test bench lint clean-demo
+.PHONY: setup demo test bench lint clean-demo demo-guest clean-demo-guest
 
 setup:
 	bash scripts/setup.sh
@@ -31,6 +31,33 @@ demo: setup
 
 test: setup
 	bash scripts/run-tests.sh
+
+# A gateway VM that boots and publishes on edge/device/data (examples/guest/gateway.yaml): builds the
+# tiny guest from Debian packages, generates the two broker passwords (files only, never printed),
+# applies twice, then waits as the declared dashboard for the gateway's first message.
+GUEST_SECRETS := .run/demo-guest
+demo-guest: setup
+	bash scripts/build-tiny-guest.sh >/dev/null
+	@mkdir -p $(GUEST_SECRETS) && chmod 0700 $(GUEST_SECRETS)
+	@for f in gateway dashboard; do [ -s $(GUEST_SECRETS)/$$f.password ] || \
+	  (umask 077; $(PY) -c "import secrets; print(secrets.token_urlsafe(24))" >$(GUEST_SECRETS)/$$f.password); done
+	@[ "$(BROKER_PORT)" = 1883 ] || echo "demo-guest: the guest's user data publishes to port 1883; edit examples/guest/gateway.yaml for $(BROKER_PORT)"
+	$(DEMO_ENV) $(PY) -m reconciler validate examples/guest/
+	$(DEMO_ENV) $(PY) -m reconciler apply examples/guest/
+	@echo "--- second run: must change nothing"
+	$(DEMO_ENV) $(PY) -m reconciler apply examples/guest/
+	@echo "--- waiting (up to 4 min under TCG) for the gateway's data as the declared dashboard"
+	@start=$$(date +%s); mosquitto_sub -h 127.0.0.1 -p $(BROKER_PORT) -u demo-dashboard \
+	  -P "$$(cat $(GUEST_SECRETS)/dashboard.password)" -t edge/device/data -C 1 -W 240 -v && \
+	  echo "--- the gateway's data arrived $$(( $$(date +%s) - start ))s after the second apply"
+
+clean-demo-guest:
+	-$(VIRSH) destroy demo-gateway >/dev/null 2>&1
+	-$(VIRSH) undefine demo-gateway >/dev/null 2>&1
+	-$(VIRSH) vol-delete --pool demo-guest demo-gateway-cidata >/dev/null 2>&1
+	-$(VIRSH) pool-destroy demo-guest >/dev/null 2>&1
+	-$(VIRSH) pool-delete demo-guest >/dev/null 2>&1
+	-$(VIRSH) pool-undefine demo-guest >/dev/null 2>&1
 
 bench: setup
 	$(PY) bench/bench.py
