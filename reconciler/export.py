@@ -131,7 +131,7 @@ def build(snapshot: Snapshot, kinds: set[str], include_all: bool = False,
     notes: list[str] = []
     exportable = {k.kind: k for k in REGISTRY if hasattr(k, "to_manifest")}
     other_scopes = [rid for rid, l in objs.items() if rid.kind in kinds and l.managed
-                    and (l.facts.get("scope") or "default") != scope]
+                    and l.scope != scope]
     if other_scopes and not include_all:
         notes.append(f"{len(other_scopes)} object(s) managed in another scope left out "
                      f"(set RECONCILER_SCOPE, or use --all to adopt them into scope {scope!r})")
@@ -147,7 +147,7 @@ def build(snapshot: Snapshot, kinds: set[str], include_all: bool = False,
         roots = [rid for rid in objs if rid.kind in exportable]
     else:
         roots = [rid for rid, l in objs.items() if rid.kind in exportable and exportable[rid.kind].prunable
-                 and l.managed and (l.facts.get("scope") or "default") == scope]
+                 and l.managed and l.scope == scope]
     selected: set[ResourceId] = set()
     pulled_in: dict[ResourceId, str] = {}
     todo = [(rid, None) for rid in sorted(roots)]

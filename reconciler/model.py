@@ -32,13 +32,15 @@ class Resource:
 class Live:
     """One live object as a provider read it, in manifest shape.
 
-    `managed` is the ownership marker; `facts` holds what only the provider needs
-    (a domain's live definition, a volume's path, a password fingerprint)."""
+    Ownership is typed: `managed` (the marker is there), `scope` (the marker's scope: --prune only
+    deletes objects of its own), `labels`. `facts` holds what the kind's rules read besides the spec
+    (a domain's state and running view, a volume's path, a password fingerprint)."""
     id: ResourceId
     spec: Mapping[str, Any]
     labels: Mapping[str, str] = field(default_factory=dict)
     managed: bool = False
     facts: Mapping[str, Any] = field(default_factory=dict)
+    scope: str = "default"
 
 
 @dataclass(frozen=True)

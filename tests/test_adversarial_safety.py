@@ -206,7 +206,7 @@ def test_prune_never_touches_unmarked_or_other_scope_objects(private_libvirtd, p
 
 def _live_vms(n: int) -> dict:
     return {ResourceId("VirtualMachine", f"vm{i:02d}"): Live(ResourceId("VirtualMachine", f"vm{i:02d}"), {}, managed=True,
-                                                             facts={"scope": "default"})
+                                                             scope="default")
             for i in range(n)}
 
 

@@ -76,7 +76,7 @@ def test_normalisation_table_no_false_drift(declared):
     running = domxml.parse_domain((DATA / "qemu-running-domain.xml").read_text())
     config = domxml.parse_domain((DATA / "qemu-inactive-domain.xml").read_text())
     live = Live(ResourceId("VirtualMachine", "demo-gw-1"), config["spec"], config["labels"], True,
-                {"state": "running", "autostart": False, "scope": "default", "running_spec": running["spec"]})
+                {"state": "running", "autostart": False, "running_spec": running["spec"]})
     machine = running["spec"]["machine"]
     ctx = PlanContext({}, {}, {"machine_aliases": {"x86_64": {"pc": machine}}}, Options())
     actions = VirtualMachineRules.classify(_desired(declared, {"role": "gateway", "site": "plant-3"}), live, ctx)

@@ -25,8 +25,9 @@ def _live(entry: dict) -> Live:
     if "running_spec" in facts:
         facts["running_spec"] = {k: parse_bytes(v) if k in BYTE_FIELDS and isinstance(v, str) else v
                                  for k, v in facts["running_spec"].items()}
+    scope = facts.pop("scope", "default")     # the marker's scope: typed ownership, not a fact
     return Live(ResourceId(entry["kind"], entry["name"]), spec, entry.get("labels") or {},
-                entry.get("managed", True), facts)
+                entry.get("managed", True), facts, scope)
 
 
 def load_case(path: Path):

@@ -117,7 +117,7 @@ def _ownership_changes(live: Live, ctx: PlanContext) -> list[FieldChange]:
     """Adoption of an unmarked object, or moving a marked one into this run's scope."""
     if not live.managed:
         return [FieldChange("metadata.managed", False, True)]
-    scope = live.facts.get("scope", "default")
+    scope = live.scope
     if scope != ctx.options.scope:
         return [FieldChange("metadata.scope", scope, ctx.options.scope)]
     return []
@@ -545,6 +545,21 @@ class MqttDefaultsRules:
         what = ", ".join(c.path.removeprefix("spec.") for c in changes)
         return [Action("update", r.id, f"broker defaults differ: {what}", tuple(changes), desired=r, live=live,
                        refused=refused, needs=needs)]
+
+    @staticmethod
+    def to_manifest(live: Live, ctx):
+        """Exported with --all only (it carries no marker): what the broker has, the group by name."""
+        from .exporting import Doc
+        spec: dict[str, Any] = {"aclAccess": dict(live.spec.get("aclAccess") or {})}
+        if live.spec.get("anonymousGroup"):
+            spec["anonymousGroup"] = live.spec["anonymousGroup"]
+        return Doc(live.id.kind, live.id.name, spec, {},
+                   ["the broker's defaults: applying this sets them (they are never pruned)"])
+
+    @staticmethod
+    def export_needs(live: Live, ctx) -> list[ResourceId]:
+        group = live.spec.get("anonymousGroup")
+        return [ResourceId("MqttGroup", group)] if group else []
 
 
 # --------------------------------------------------------------------------- export (to_manifest)

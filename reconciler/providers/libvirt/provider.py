@@ -220,8 +220,7 @@ class LibvirtProvider:
         self.domain_records: dict[str, dict] = {}   # domain -> snapshots taken and restores run
         for name, parsed, live_spec in described:
             state = "running" if name in running else "paused" if name in paused else "shutoff"
-            facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"],
-                                     "scope": parsed["scope"]}
+            facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"]}
             if live_spec is not None:
                 facts["running_spec"] = live_spec
             if any(parsed.get("records", {}).values()):
@@ -236,7 +235,7 @@ class LibvirtProvider:
                 # A VM's cloud-init seed volume belongs to the VM, not to the Disks a manifest declares.
                 objects.pop(ResourceId("Disk", path_to_disk[seed["path"]]), None)
             rid = ResourceId("VirtualMachine", name)
-            objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts)
+            objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts, parsed["scope"])
         return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases(), **self._access(pools)})
 
     def _machine_aliases(self) -> dict:

@@ -70,7 +70,7 @@ def _topic_live(m: RetainedMessage) -> Live:
     except UnicodeDecodeError:
         payload, facts["binary"] = None, True
     return Live(ResourceId("Topic", m.topic), {"retained": {"payload": payload, "qos": m.qos}}, labels,
-                managed=managed, facts=facts)
+                managed=managed, facts=facts, scope=scope)
 
 
 class MosquittoProvider:
