@@ -241,21 +241,6 @@ def _state(live) -> str:
     return str(live.spec.get("state") or "present")
 
 
-def newest_backups(snapshot) -> dict[str, float]:
-    """{vm: Unix time of its newest good backup}: from the BackupPolicy objects the libvirt read gives
-    (facts["backups"]), and from Snapshot.context["newest_backup"] where a reader puts it directly."""
-    out: dict[str, float] = dict(snapshot.context.get("newest_backup") or {})
-    for rid, live in snapshot.objects.items():
-        if rid.kind != "BackupPolicy":
-            continue
-        for b in live.facts.get("backups", ()):
-            get = b.get if isinstance(b, dict) else (lambda k, b=b: getattr(b, k, None))
-            vm, when, good = get("vm"), get("time"), get("good")
-            if vm and good and isinstance(when, (int, float)) and when > out.get(vm, 0):
-                out[vm] = float(when)
-    return out
-
-
 def build(first, second, resources, snapshot, plan, sys_stats, mqtt_url: str, errors: tuple = ()) -> StatusReport:
     """PURE: the two statistics samples, the read snapshot, the plan and the $SYS figures -> StatusReport."""
     now = time.time()
@@ -274,7 +259,8 @@ def build(first, second, resources, snapshot, plan, sys_stats, mqtt_url: str, er
             s, fields, reason = sync.get(rid, (None, (), ""))
             objects[rid] = Obj(rid.kind, rid.name, False, True, s, "absent", fields, reason)
 
-    backups = newest_backups(snapshot)
+    from .kinds.backup import backup_ages
+    ages = backup_ages(snapshot.objects, now)
     cur = second or first
     before = {d.name: d for d in first.domains}
     dt = (second.taken_at - first.taken_at) if second else 0.0
@@ -292,7 +278,6 @@ def build(first, second, resources, snapshot, plan, sys_stats, mqtt_url: str, er
         else:
             mem, source = None, None
         assigned = d.balloon_current_kib * 1024 if d.balloon_current_kib is not None and d.state != "shutoff" else None
-        backup_at = backups.get(d.name)
         vms.append(Vm(
             name=d.name, state=d.state, managed=o.managed if o else False, declared=o.declared if o else False,
             sync=o.sync if o else None, drift=o.drift if o else (), vcpus=d.vcpus,
@@ -300,7 +285,7 @@ def build(first, second, resources, snapshot, plan, sys_stats, mqtt_url: str, er
             memory_bytes=mem, memory_source=source, memory_assigned_bytes=assigned,
             disks=tuple(Disk(x.name, x.allocation, x.capacity) for x in d.blocks if x.capacity),
             interfaces=tuple(Interface(n.name, n.rx_bytes, n.tx_bytes) for n in d.nets),
-            stale=d.stale, backup_age_seconds=max(0.0, now - backup_at) if backup_at else None))
+            stale=d.stale, backup_age_seconds=ages.get(d.name)))
 
     broker = None
     if sys_stats is not None:

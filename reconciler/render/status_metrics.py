@@ -18,7 +18,7 @@ SERIES = (
     "reconciler_vm_cpu_usage_ratio", "reconciler_vm_memory_bytes", "reconciler_vm_memory_assigned_bytes",
     "reconciler_vm_disk_allocation_bytes", "reconciler_vm_disk_capacity_bytes",
     "reconciler_vm_network_receive_bytes_total", "reconciler_vm_network_transmit_bytes_total",
-    "reconciler_vm_backup_age_seconds", "reconciler_vm_managed", "reconciler_vm_in_sync",
+    "reconciler_backup_age_seconds", "reconciler_vm_managed", "reconciler_vm_in_sync",
     "reconciler_host_cpus", "reconciler_host_memory_bytes", "reconciler_libvirt_stats_duration_seconds",
     "reconciler_status_timestamp_seconds",
     "reconciler_broker_up", "reconciler_broker_clients_connected", "reconciler_broker_messages_received_total",
@@ -52,7 +52,8 @@ class _Collector:
                                  labels=["vm", "interface"])
         tx = CounterMetricFamily("reconciler_vm_network_transmit_bytes", "Bytes the VM's interface sent.",
                                  labels=["vm", "interface"])
-        backup = g("reconciler_vm_backup_age_seconds", "Age of the VM's newest backup.", ["vm"])
+        # The name and help the backup kinds use for plan/apply's metrics (kinds/backup.py age_metrics).
+        backup = g("reconciler_backup_age_seconds", "Seconds since the VM's newest good backup.", ["vm"])
         managed = g("reconciler_vm_managed", "1 when the VM carries the reconciler's ownership marker.", ["vm"])
         in_sync = g("reconciler_vm_in_sync", "1 when the declared VM matches its manifest (only with manifest paths).",
                     ["vm"])
