@@ -2,11 +2,12 @@
 
 What one reading is: a first bulk libvirt statistics sample; then, inside the CPU sampling interval
 (so the interval costs no extra time when they take longer), the same target reads and plan as
-`plan` (manifest.load -> run.make_providers/read_all -> planner.plan) and the broker's `$SYS` figures;
+`plan` (manifests.load -> run.make_providers/read_all -> planner.plan) and the broker's `$SYS` figures;
 then the second statistics sample, from which CPU % is the CPU time used between the two.
 
 A VM whose statistics do not answer is a row marked stale with the reason; it never fails the view.
-A broker whose `$SYS` figures cannot be read is reported in `errors` (exit 1) with the rest shown.
+A broker whose `$SYS` figures (or, without PATHs, objects) cannot be read is reported in `errors`
+(exit 1) with the rest shown.
 """
 from __future__ import annotations
 
