@@ -135,3 +135,25 @@ def test_plan_json_and_metrics_count_the_sixth_action(site, tmp_path):
     assert len(series) == 1 and float(series[0].rsplit(" ", 1)[1]) == 1, metrics.read_text()
     second = cli("apply", str(m), "-o", "json")
     assert second.code == 0 and json.loads(second.out)["changes"] == []
+
+
+def test_memory_true_restore_resumes_the_running_vm_from_its_ram(site, tmp_path, qemu_uri):
+    prefix, base = site
+    vm, snap = f"{prefix}vm", f"{prefix}ram"
+    m = tmp_path / "site.yaml"
+    docs = base_docs(prefix, base)
+    apply_twice(write(m, *docs))
+    disk = _disk(base, prefix)
+    write_pattern(disk, 0xAB)
+    docs[3]["spec"]["state"] = "running"
+    docs.append(doc("Snapshot", snap, {"vm": vm, "memory": True}))
+    apply_twice(write(m, *docs))
+    docs[3]["spec"]["state"] = "shutoff"
+    apply_twice(write(m, *docs))
+    write_pattern(disk, 0xCD)
+    docs[3]["spec"]["state"] = "running"
+    docs.append(doc("Restore", f"{prefix}rollback-1", {"vm": vm, "snapshot": snap}))
+    first = apply_twice(write(m, *docs))
+    assert "RAM included" in first.out and "now running" in first.out, first.out
+    assert virsh(qemu_uri, "domstate", "--reason", vm).strip() == "running (from snapshot)"
+    assert has_pattern(disk, 0xAB, running=True)
