@@ -9,7 +9,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 PKGS="libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config
-      mosquitto mosquitto-clients gcc python3-dev python3-venv chromium genisoimage xorriso cpio"
+      mosquitto mosquitto-clients gcc python3-dev python3-venv chromium genisoimage xorriso cpio git gnupg openssh-client"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
