@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from .backup import BackupPolicyRules, RestoreRules, SnapshotRules
 from .libvirt import DiskRules, StoragePoolRules, VirtualMachineRules
+from .network import NetworkRules
 from .mqtt import MqttClientRules, MqttDefaultsRules, MqttGroupRules, MqttRoleRules, TopicRules
 
 KINDS = (
     StoragePoolRules,
     DiskRules,
+    NetworkRules,          # before the VMs attached to it; deleted after them
     VirtualMachineRules,
     SnapshotRules,         # after its VM; deleted before it
     RestoreRules,          # after Snapshots are taken, before a backup copies the result
