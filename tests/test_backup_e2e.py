@@ -152,3 +152,40 @@ def test_kill_during_a_backup_leaves_nothing_counted_as_good(site, tmp_path, qem
     assert b["good"] and b["time"] != listed[0]["time"]
     assert virsh(qemu_uri, "domstate", vm).strip() == "running"
     assert "None" in virsh(qemu_uri, "domjobinfo", vm)
+
+
+def test_kill_during_a_shut_off_copy_leaves_nothing_counted_as_good(site, tmp_path, qemu_uri):
+    prefix, base = site
+    vm, policy = f"{prefix}vm", f"{prefix}nightly"
+    disk = f"{base}-edge/{prefix}root"
+    m = tmp_path / "site.yaml"
+    docs = base_docs(prefix, base, capacity="512MiB")
+    apply_twice(write(m, *docs))
+    r = qemu_io(disk, "write -P 0x5a 0 512M")
+    assert r.returncode == 0, r.stderr
+    docs.append(doc("BackupPolicy", policy, {"vm": vm, "pool": f"{prefix}backups", "every": "1h"}))
+    write(m, *docs)
+
+    env = dict(os.environ, RECONCILER_SCOPE="tests")
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "apply", str(m)], cwd=str(ROOT), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = f"{base}-backups"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(f.startswith(f"{vm}@") for f in os.listdir(folder)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the apply finished before the copy began; nothing was interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+    # Whatever libvirtd goes on copying for the killed run never counts; the next run waits for the
+    # copy to end if it must, removes it, and makes a good backup.
+    listed = _backups(prefix, policy)
+    assert listed and not any(b["good"] for b in listed) and "no manifest" in listed[0]["problem"], listed
+    first = apply_twice(m)
+    assert "copied from the shut-off VM" in first.out and "removed an interrupted backup" in first.out, first.out
+    (b,) = _backups(prefix, policy)
+    assert b["good"] and b["consistency"] == "shut-off"
+    assert sorted(os.listdir(folder)) == sorted([f"{vm}@{policy}@{b['time'].replace('-', '').replace(':', '')}.json",
+                                                 f"{vm}@{policy}@{b['time'].replace('-', '').replace(':', '')}@vda.qcow2"])

@@ -375,14 +375,20 @@ def _volume_xml(name: str, capacity: int, fmt: str) -> str:
     return domxml.build_volume(name, capacity, fmt, None)
 
 
-def _delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:
-    try:
-        pool.storageVolLookupByName(name).delete(0)
-        return True
-    except libvirt.libvirtError as e:
-        if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return False
-        raise
+def _delete_volume(pool: libvirt.virStoragePool, name: str, wait: float = 0.0) -> bool:
+    """Delete a volume (False if it is not there). With `wait`, a volume libvirtd is still building
+    (the clone of a run killed mid-copy goes on without it) is deleted once it is built."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pool.storageVolLookupByName(name).delete(0)
+            return True
+        except libvirt.libvirtError as e:
+            if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return False
+            if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID or time.monotonic() > deadline:
+                raise
+        time.sleep(POLL)
 
 
 def _stale_job(dom: libvirt.virDomain, debris_paths: set) -> bool:
@@ -473,7 +479,7 @@ def _create_backup(p, a: Action, o: Options) -> str:
     debris = list(res.get("debris", ()))
     aborted = _stale_job(dom, {f"{pool_dir.rstrip('/')}/{n}" for n in debris})
     for name in debris:
-        _delete_volume(pool, name)
+        _delete_volume(pool, name, wait=BACKUP_TIMEOUT)
     sources = _disk_formats(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     if not sources:
         raise ApplyError(f"VM {vm} has no writable file-backed disk to back up")
