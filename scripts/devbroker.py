@@ -112,7 +112,8 @@ def _write_private(path: Path, text: str) -> None:
 DEMO_MAX_QUEUED = 100000
 
 
-def _config(d: Path, port: int, tls: dict | None = None, max_queued: int | None = DEMO_MAX_QUEUED) -> str:
+def _config(d: Path, port: int, tls: dict | None = None, max_queued: int | None = DEMO_MAX_QUEUED,
+            listener_options: tuple[str, ...] = ()) -> str:
     extra = []
     if tls:
         extra = [f"listener {tls['port']} 127.0.0.1", f"certfile {tls['certfile']}", f"keyfile {tls['keyfile']}"]
@@ -123,6 +124,7 @@ def _config(d: Path, port: int, tls: dict | None = None, max_queued: int | None 
         f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         "allow_anonymous false",
         f"listener {port} 127.0.0.1",
+        *listener_options,
         f"plugin {_find_plugin()}",
         f"plugin_opt_config_file {d / 'dynamic-security.json'}",
         "persistence true",
@@ -241,11 +243,13 @@ def _die_with_parent() -> None:
 
 
 def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None,
-          die_with_parent: bool = False, max_queued_messages: int | None = DEMO_MAX_QUEUED) -> Broker:
+          die_with_parent: bool = False, max_queued_messages: int | None = DEMO_MAX_QUEUED,
+          listener_options: tuple[str, ...] = ()) -> Broker:
     """Start (or find running) the broker of `dir` on 127.0.0.1:`port`. `tls` ({port, certfile, keyfile})
     adds a TLS listener on 127.0.0.1 (the tests' mqtts:// broker). `die_with_parent` (the test fixtures)
     stops the broker when the calling process dies without stopping it (a killed pytest).
-    `max_queued_messages=None` leaves Mosquitto's default (1000): a broker as production runs it."""
+    `max_queued_messages=None` leaves Mosquitto's default (1000): a broker as production runs it.
+    `listener_options` are lines for the plain listener (`use_username_as_clientid true`)."""
     d = Path(dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     pid = _pid(d)
@@ -258,7 +262,7 @@ def start(dir: str | os.PathLike, port: int = 1883, *, tls: dict | None = None,
         raise DevBrokerError(f"127.0.0.1:{port} is already in use by another process (the distribution's "
                              "mosquitto service? `systemctl disable --now mosquitto`, or choose another --port)")
     conf = d / "mosquitto.conf"
-    _write_private(conf, _config(d, port, tls, max_queued_messages))
+    _write_private(conf, _config(d, port, tls, max_queued_messages, tuple(listener_options)))
     log = open(d / "mosquitto.log", "ab")
     try:
         proc = subprocess.Popen([_find_binary("mosquitto"), "-c", str(conf)], stdin=subprocess.DEVNULL,

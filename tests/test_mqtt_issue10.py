@@ -133,6 +133,32 @@ def test_fixed_client_id_is_never_disturbed(mq):
         device.close()
 
 
+def test_listener_that_uses_user_names_as_client_ids_gets_no_test_login(tmp_path):
+    """With `use_username_as_clientid true` every login as a device's user gets the device's client id,
+    so a test login would disconnect the device: the admin session sees it (the client id the broker
+    assigns it is its user name) and no test login is made."""
+    b = start_broker(tmp_path / "broker", listener_options=("use_username_as_clientid true",))
+    m = Mqtt(b, tmp_path)
+    try:
+        path = write_edge(m)
+        env = {"READER_PW": m.secret(READER_PW)}
+        m.apply_twice(path, env=env)
+        dash = Device(b.port, "dashboard", READER_PW, "whatever-id")
+        try:
+            assert dash.connects == 1
+            before = logins_in_log(m, "dashboard")
+            plan = m.run("plan", str(path), env=env)
+            assert plan.code == 0, plan.out + plan.err
+            assert "password not tested by a login: the broker's listener uses user names as client ids" in plan.out
+            assert logins_in_log(m, "dashboard") == before
+            assert dash.undisturbed, dash.disconnects
+        finally:
+            dash.close()
+        m.assert_no_secret_leaked()
+    finally:
+        b.stop()
+
+
 def test_no_op_plan_tests_each_password_once_and_cheaply(mq):
     """The cost of the test logins: one short connection per client (clients without a fixed id)."""
     n = 60
