@@ -81,8 +81,19 @@ def schema_errors(kind: str, data: Any) -> list:
                 return []
         except (ValueError, TypeError, OverflowError):
             pass  # a value it cannot take (a huge integer): let jsonschema explain
-    errors = list(validator(kind).iter_errors(data))
+    errors = [_refine(e) for e in validator(kind).iter_errors(data)]
     return sorted(errors, key=lambda e: -len(list(e.absolute_path)))
+
+
+def _refine(err):
+    """For "matches none of the allowed forms", the error inside a form that reaches deepest: a list
+    item that is a network interface in every way but its unquoted MAC is about the MAC."""
+    while err.validator in ("oneOf", "anyOf") and err.context:
+        deeper = [e for e in err.context if len(e.absolute_path) > len(err.absolute_path)]
+        if not deeper:
+            break
+        err = max(deeper, key=lambda e: len(e.absolute_path))
+    return err
 
 
 _BOOL_WORDS = {"yes", "no", "on", "off", "y", "n", "true", "false"}
