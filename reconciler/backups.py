@@ -1,23 +1,11 @@
 """`reconciler backups [--policy NAME]`: list the backups in the host's pools (time, size, VM, policy,
 disks, consistency), as text or JSON. The listing is read by the libvirt provider; this module only
-adds the command's arguments and renders the values."""
+renders the values."""
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from typing import IO, Any
-
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", metavar="NAME", help="only the backups of this BackupPolicy")
-    p.add_argument("--vm", metavar="NAME", help="only the backups of this VM")
-    p.add_argument("--libvirt-uri", default=os.environ.get("RECONCILER_LIBVIRT_URI", "qemu:///system"),
-                   help="libvirt connection (env RECONCILER_LIBVIRT_URI; default qemu:///system)")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format (default text)")
-
 
 def listing(uri: str, policy: str | None = None, vm: str | None = None) -> list[dict[str, Any]]:
     """The backups on the host, oldest first: {time, vm, policy, pool, size, disks, consistency, good, problem}."""
@@ -48,10 +36,11 @@ def render_text(rows: list[dict[str, Any]], out: IO) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
 
 
-def run_backups(args, out: IO | None = None) -> int:
+def run_backups(libvirt_uri: str, policy: str | None = None, vm: str | None = None, output: str = "text",
+                out: IO | None = None) -> int:
     out = out or sys.stdout
-    rows = listing(args.libvirt_uri, args.policy, getattr(args, "vm", None))
-    if args.output == "json":
+    rows = listing(libvirt_uri, policy, vm)
+    if output == "json":
         json.dump({"backups": rows}, out, indent=2)
         out.write("\n")
     else:

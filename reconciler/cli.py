@@ -30,6 +30,14 @@ def _duration(text: str) -> float:
     raise argparse.ArgumentTypeError(f"{text!r} is not a duration (use 30s, 5m, 1h)")
 
 
+def _short_duration(text: str) -> float:
+    """0 to 60 seconds: 1s, 500ms, 0."""
+    value = _duration(text)
+    if value > 60:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (0 to 60 s)")
+    return value
+
+
 def _scope(text: str) -> str:
     import re
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z", text):
@@ -146,11 +154,17 @@ def parser() -> argparse.ArgumentParser:
     _scope_flags(st, prune=False)
     _target_flags(st, inventory=False)
     _output_flags(st, diff=False, formats=("text", "json", "html"))
-    from .render.status_cli import add_arguments as status_flags
-    status_flags(st)
+    st.add_argument("--sample", type=_short_duration, default=1.0, metavar="DURATION",
+                    help="time between the two CPU samples (default 1s; 0: no CPU %%)")
+    st.add_argument("--stats-timeout", type=_short_duration, default=10.0, metavar="DURATION",
+                    help="how long the statistics call may take before VMs are asked one by one (default 10s)")
 
-    from .backups import add_arguments as backups_flags
-    backups_flags(sub.add_parser("backups", help="list the backups in the host's pools (time, size, VM, disks)"))
+    b = sub.add_parser("backups", help="list the backups in the host's pools (time, size, VM, disks)")
+    b.add_argument("--policy", metavar="NAME", help="only the backups of this BackupPolicy")
+    b.add_argument("--vm", metavar="NAME", help="only the backups of this VM")
+    b.add_argument("--libvirt-uri", default=os.environ.get("RECONCILER_LIBVIRT_URI", "qemu:///system"),
+                   help="libvirt connection (env RECONCILER_LIBVIRT_URI; default qemu:///system)")
+    b.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format (default text)")
     return ap
 
 
@@ -337,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_show(args)
         if args.command == "backups":
             from .backups import run_backups
-            return run_backups(args)
+            return run_backups(args.libvirt_uri, args.policy, args.vm, args.output)
         cfg = config(args)
         if args.command == "plan":
             return cmd_plan_apply(cfg, apply=False, args=args)
@@ -349,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args, cfg)
         if args.command == "status":
             from .render.status_cli import run_status
-            return run_status(args, cfg)
+            return run_status(cfg, args.sample, args.stats_timeout)
     except ReconcilerError as e:
         if args.command in ("plan", "apply") and getattr(args, "metrics_file", None):
             # A run that stopped on bad input or a bad flag still says so in its metrics.
