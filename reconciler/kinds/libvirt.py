@@ -152,6 +152,29 @@ class StoragePoolRules:
 
 # --------------------------------------------------------------------------- Disk
 
+IMAGES_FACT = "images"
+
+
+def _source_image(ctx: PlanContext, d: dict) -> tuple[dict | None, str | None]:
+    """The facts the provider read of a new disk's source image, and why its creation is refused."""
+    src = d["source"]
+    img = ctx.context.get(IMAGES_FACT, {}).get(src["path"])
+    if img is None:
+        return None, f"source image {src['path']} was not read"
+    if img.get("error"):
+        return None, img["error"]
+    if src["sha256"] and img["sha256"] != src["sha256"]:
+        return None, (f"source image {src['path']} has sha256 {img['sha256']}, not the declared {src['sha256']}; "
+                      "nothing is created")
+    if img["format"] != d["format"]:
+        return None, (f"source image {src['path']} is {img['format']} but the disk is declared {d['format']}: "
+                      f"declare format: {img['format']}, or convert it (qemu-img convert -O {d['format']})")
+    if d["capacity"] is not None and d["capacity"] < img["virtual_size"]:
+        return None, (f"capacity {format_bytes(d['capacity'])} is smaller than the image's "
+                      f"{format_bytes(img['virtual_size'])}")
+    return img, None
+
+
 def pool_path(ctx: PlanContext, pool: str) -> str | None:
     """Where a pool keeps its volumes: declared in this plan, or found on the host."""
     declared = ctx.desired.get(ResourceId("StoragePool", pool))
@@ -196,13 +219,20 @@ class DiskRules:
     def resolve_paths(spec: dict, base: str) -> dict:
         b = spec.get("backingStore")
         if b and "path" in b:
-            return {**spec, "backingStore": {**b, "path": _abs(b["path"], base)}}
+            spec = {**spec, "backingStore": {**b, "path": _abs(b["path"], base)}}
+        if isinstance(spec.get("source"), dict) and "path" in spec["source"]:
+            spec = {**spec, "source": {**spec["source"], "path": _abs(spec["source"]["path"], base)}}
         return spec
 
     @staticmethod
     def check(name: str, spec: dict):
+        if "capacity" not in spec and "source" not in spec:
+            return [(("spec",), "a disk needs a capacity (or a source image, whose size it then takes)")]
+        if "source" in spec and "backingStore" in spec:
+            return [(("spec", "source"), "a disk takes its content from a source image or a backing store, not both")]
         try:
-            parse_bytes(spec.get("capacity"))
+            if "capacity" in spec:
+                parse_bytes(spec.get("capacity"))
         except UnitError as e:
             return [(("spec", "capacity"), str(e))]
         b = spec.get("backingStore") or {}
@@ -212,8 +242,12 @@ class DiskRules:
 
     @staticmethod
     def normalise(spec: dict) -> dict:
-        return {"pool": spec["pool"], "capacity": parse_bytes(spec["capacity"]), "format": spec.get("format", "qcow2"),
+        src = spec.get("source")
+        return {"pool": spec["pool"], "capacity": parse_bytes(spec["capacity"]) if "capacity" in spec else None,
+                "format": spec.get("format", "qcow2"),
                 "backingStore": dict(spec["backingStore"]) if spec.get("backingStore") else None,
+                # Creation-time only: libvirt keeps no record of where a volume's content came from.
+                "source": {"path": src["path"], "sha256": (src.get("sha256") or "").lower() or None} if src else None,
                 "state": spec.get("state", "present")}
 
     @staticmethod
@@ -260,8 +294,17 @@ class DiskRules:
             backing = (d["backingStore"] or {}).get("path")
             refused = unreachable(ctx, pool_path(ctx, d["pool"]), f"the folder of pool {d['pool']!r}") or \
                 (unreachable(ctx, os.path.dirname(backing), "the backing file's folder") if backing else None)
-            return [Action("create", r.id, "disk does not exist", desired=r, needs=tuple(needs),
-                           changes=(FieldChange("spec.capacity", None, d["capacity"], "config"),), refused=refused)]
+            capacity = d["capacity"]
+            reason = "disk does not exist"
+            if d.get("source"):
+                img, refused_img = _source_image(ctx, d)
+                refused = refused or refused_img
+                if img is not None:
+                    capacity = max(capacity or 0, img["virtual_size"])
+                    reason += f"; from {img['format']} image {d['source']['path']} (sha256 {img['sha256'][:12]}…" \
+                              + (", checked)" if d["source"]["sha256"] else ", not declared)")
+            return [Action("create", r.id, reason, desired=r, needs=tuple(needs),
+                           changes=(FieldChange("spec.capacity", None, capacity, "config"),), refused=refused)]
         l = live.spec
         refusals = []
         # A refused change still names its field, so that output and JSON say what was refused.
@@ -278,7 +321,9 @@ class DiskRules:
             refused_fields.append(FieldChange("spec.backingStore", l.get("backingStore"), want_backing, "replace"))
         cap = l.get("capacity", 0)
         changes = []
-        if d["capacity"] < cap - CAPACITY_SLACK:
+        if d["capacity"] is None:
+            pass    # taken from the source image at creation: nothing to compare
+        elif d["capacity"] < cap - CAPACITY_SLACK:
             refusals.append(f"shrinking {format_bytes(cap)} -> {format_bytes(d['capacity'])} would lose data and is refused")
             refused_fields.append(FieldChange("spec.capacity", cap, d["capacity"], "replace"))
         elif d["capacity"] > cap:

@@ -126,3 +126,105 @@ def delete_seed(conn: libvirt.virConnect, live_ci: dict | None) -> str | None:
             return None
         raise
     return f"seed {live_ci['path']} deleted"
+
+
+# --------------------------------------------------------------------------- a Disk's initial image
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def image_facts(path: str) -> dict:
+    """What the plan needs to know of a local image before anything is created: its format (qcow2 or
+    raw, from its header), virtual size, sha256, or why it cannot be read."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            f.seek(0)
+            h = hashlib.sha256()
+            size = 0
+            for block in iter(lambda: f.read(1024 * 1024), b""):
+                h.update(block)
+                size += len(block)
+    except OSError as e:
+        return {"error": f"source image {path} cannot be read: {e.strerror}"}
+    if head[:4] == QCOW2_MAGIC and len(head) >= 32:
+        fmt, virtual = "qcow2", int.from_bytes(head[24:32], "big")
+    else:
+        fmt, virtual = "raw", size
+    return {"format": fmt, "virtual_size": virtual, "size": size, "sha256": h.hexdigest()}
+
+
+def read_image_facts(sources: dict[str, str], absent: set[str]) -> dict:
+    """{path: facts} for the images of the Disks that do not exist yet (only those are ever read)."""
+    return {path: image_facts(path) for name, path in sources.items() if name in absent}
+
+
+def _sparse_upload(conn: libvirt.virConnect, vol: libvirt.virStorageVol, path: str) -> None:
+    """Send a local file through a sparse storage stream: holes travel as lengths, not zeros."""
+    import errno
+    fd = os.open(path, os.O_RDONLY)
+    st = conn.newStream(0)
+    try:
+        vol.upload(st, 0, 0, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+
+        def read(stream, nbytes, fd):
+            return os.read(fd, nbytes)
+
+        def hole(stream, fd):
+            cur = os.lseek(fd, 0, os.SEEK_CUR)
+            try:
+                data = os.lseek(fd, cur, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = -1
+            if data < 0:                        # in the trailing hole
+                in_data, length = False, os.lseek(fd, 0, os.SEEK_END) - cur
+            elif data > cur:                    # in a hole before data
+                in_data, length = False, data - cur
+            else:
+                in_data, length = True, os.lseek(fd, cur, os.SEEK_HOLE) - cur
+            os.lseek(fd, cur, os.SEEK_SET)
+            return [in_data, length]
+
+        def skip(stream, length, fd):
+            os.lseek(fd, length, os.SEEK_CUR)
+            return 0
+
+        st.sparseSendAll(read, hole, skip, fd)
+        st.finish()
+    except BaseException:
+        try:
+            st.abort()
+        except libvirt.libvirtError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+
+
+def import_image(p: "LibvirtProvider", pool: libvirt.virStoragePool, name: str, spec: dict) -> libvirt.virStorageVol:
+    """A new volume holding the Disk's source image: the checksum checked again before anything is
+    created (the file may have changed since the plan), uploaded sparse, then grown to the declared
+    capacity when that is larger than the image."""
+    src = spec["source"]
+    facts = image_facts(src["path"])
+    if facts.get("error"):
+        raise ApplyError(facts["error"])
+    if src.get("sha256") and facts["sha256"] != src["sha256"]:
+        raise ApplyError(f"source image {src['path']} has sha256 {facts['sha256']}, not the declared {src['sha256']}; "
+                         "nothing was created")
+    vol = pool.createXML(domxml.build_volume(name, facts["virtual_size"], facts["format"], None), 0)
+    try:
+        _sparse_upload(p.conn, vol, src["path"])
+        if spec.get("capacity") and spec["capacity"] > facts["virtual_size"]:
+            vol.resize(spec["capacity"], 0)
+    except BaseException:
+        # A half-written volume must not pass for the image at the next run.
+        try:
+            vol.delete(0)
+        except libvirt.libvirtError:
+            pass
+        raise
+    return vol

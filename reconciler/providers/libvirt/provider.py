@@ -112,6 +112,12 @@ class LibvirtProvider:
         """The declared objects of this run, before read(): their folders are checked for QEMU's access."""
         from ...kinds.libvirt import paths_of_interest
         self._folders = {p for r in resources for p in paths_of_interest(r.id.kind, r.spec)}
+        # Disks with a source image: the image is read (checksum, format, size) only if the disk is new.
+        self._sources = {r.id.name: r.spec["source"]["path"] for r in resources
+                         if r.id.kind == "Disk" and r.spec.get("source")}
+
+    # run.read_all hands the declared resources to a provider's declare().
+    declare = consider
 
     def _access(self, pools: dict[str, str]) -> dict:
         """The host fact of kinds/libvirt.py's HypervisorAccess, for a local qemu:///system only."""
@@ -123,6 +129,11 @@ class LibvirtProvider:
     def read(self, kinds: frozenset[str]) -> Snapshot:
         try:
             snap = self._read()
+            sources = getattr(self, "_sources", {})
+            if sources:
+                from ...kinds.libvirt import IMAGES_FACT
+                new = {n for n in sources if ResourceId("Disk", n) not in snap.objects}
+                snap = snap.merged(Snapshot({}, {IMAGES_FACT: images.read_image_facts(sources, new)}))
             # Kinds with a reader of their own (providers/libvirt/handlers.py) are read beside the core three.
             for kind in sorted(kinds & READERS.keys()):
                 snap = snap.merged(READERS[kind](self, self.conn))
@@ -336,10 +347,15 @@ class LibvirtProvider:
                     backing = (base["path"], base["format"])
                 else:
                     backing = (b["path"], b.get("format", "qcow2"))
-            vol = pool.createXML(domxml.build_volume(a.id.name, spec["capacity"], spec["format"], backing), 0)
+            if spec.get("source"):
+                vol = images.import_image(self, pool, a.id.name, spec)
+            else:
+                vol = pool.createXML(domxml.build_volume(a.id.name, spec["capacity"], spec["format"], backing), 0)
         v = domxml.parse_volume(vol.XMLDesc(0))
         v["pool"] = spec["pool"]
         self.volumes[a.id.name] = v
+        if spec.get("source"):
+            return f"created {spec['format']} volume {v['path']} from {spec['source']['path']}"
         return f"created {spec['format']} volume {v['path']}"
 
     def _update_Disk(self, a: Action, o: Options) -> str:
