@@ -66,6 +66,9 @@ class Action:
     held: str | None = None
     # Resources this action needs to have succeeded first.
     needs: tuple = ()
+    # The ownership scope the marker of what this action creates or changes must carry (set by the
+    # planner, so a provider needs nothing from elsewhere).
+    scope: str = "default"
 
     @property
     def fields(self) -> list[str]:

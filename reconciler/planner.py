@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from .errors import ReconcilerError
 from .kinds import KIND_RULES, PRUNABLE, PlanContext
@@ -62,4 +63,6 @@ def plan(desired: list[Resource], snapshot: Snapshot, options: Options = Options
                                     f"(more than half and more than {PRUNE_MAX_COUNT}); check the manifest paths or add --force")
     actions += prunes
     actions.sort(key=_order)
+    if options.scope != "default":
+        actions = [replace(a, scope=options.scope) for a in actions]
     return Plan(tuple(actions), tuple(orphans))

@@ -19,7 +19,8 @@ def test_mqtt_round_trip_every_kind(mq, tmp_path):
     path = write_edge(mq, SENSOR_PW)
     mq.apply_twice(path, env={"READER_PW": mq.secret(READER_PW)})
 
-    exp = mq.run("export")
+    # Libvirt on the per-process test driver: the shared host's VMs of other tests are not this test's.
+    exp = mq.run("export", "--libvirt-uri", "test:///default")
     assert exp.code == 0, exp.err
     docs = [d for d in yaml.safe_load_all(exp.out) if d]
     got = sorted((d["kind"], d["metadata"]["name"]) for d in docs if d["kind"].startswith("Mqtt") or d["kind"] == "Topic")

@@ -406,7 +406,7 @@ class LibvirtProvider:
             # The seed volume first: a domain defined with a missing CD-ROM file would not start.
             seed, image = images.seed_info(self, a.id.name, spec, None)
             images.write_seed(self, seed, image)
-        xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), scope=o.scope)
+        xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), scope=a.scope)
         xml = bootxml.decorate(xml, spec, None, seed)
         try:
             dom = self.conn.defineXML(xml)
@@ -416,7 +416,7 @@ class LibvirtProvider:
             dom = self._lookup(a.id.name)
             if dom is None:
                 raise
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels), o.scope),
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.owner_xml(dict(a.desired.labels), a.scope),
                             domxml.NS_PREFIX, domxml.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
             fresh = False
         if spec["autostart"]:
@@ -502,7 +502,7 @@ class LibvirtProvider:
         if {"metadata.labels", "metadata.managed", "metadata.scope"} & set(by_path):
             flags = LIVE_CONFIG if active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
             attempt([p for p in by_path if p.startswith("metadata.")], dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                    domxml.owner_xml(dict(a.desired.labels), o.scope), domxml.NS_PREFIX, domxml.NS, flags)
+                    domxml.owner_xml(dict(a.desired.labels), a.scope), domxml.NS_PREFIX, domxml.NS, flags)
         seed = None
         if spec.get("cloudInit"):
             live_ci = (a.live.spec.get("cloudInit") if a.live else None) or None
@@ -515,7 +515,7 @@ class LibvirtProvider:
             def define() -> str | None:
                 cfg = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
                 new = domxml.patch_domain(cfg, spec, declared, dict(a.desired.labels), self._disk_sources(spec),
-                                          o.scope)
+                                          a.scope)
                 new = bootxml.decorate(new, spec, declared, seed)
                 self.conn.defineXML(new)
                 restart = [c.path for c in config_changes if c.mode == "restart"]
@@ -580,7 +580,7 @@ class LibvirtProvider:
         forced = self._shutdown(dom, o.shutdown_timeout) if dom.isActive() else None
         spec = a.desired.spec
         xml = domxml.build_domain(a.id.name, spec, dict(a.desired.labels), self._disk_sources(spec), uuid=uuid,
-                                  scope=o.scope)
+                                  scope=a.scope)
         if spec.get("cloudInit"):
             seed, image = images.seed_info(self, a.id.name, spec, a.live.spec.get("cloudInit") if a.live else None)
             images.write_seed(self, seed, image)

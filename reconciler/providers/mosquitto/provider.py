@@ -81,7 +81,6 @@ class MosquittoProvider:
         self.url = url
         self._conn = Connection(url, username, password, cafile)   # validates the URL, no I/O
         self._open = False
-        self._scope = marker.DEFAULT_SCOPE
         self._passwords: dict[str, Any] = {}     # client name -> Secret, of the declared clients
         self._topics: list[str] = []             # declared topics that can hold a retained message
 
@@ -241,7 +240,6 @@ class MosquittoProvider:
     # ------------------------------------------------------------------ apply
 
     def apply(self, action: Action, options: Options | None = None) -> str:
-        self._scope = (options or Options()).scope
         kind = action.id.kind
         if kind == "Topic":
             return self._apply_topic(action)
@@ -259,7 +257,7 @@ class MosquittoProvider:
             return self._run(action, [{"command": cmd[0], cmd[1]: action.id.name}])
         if action.verb not in ("create", "update"):
             raise ApplyError(f"{kind} {action.id.name!r}: cannot {action.verb} a {kind}")
-        return self._run(action, getattr(self, f"_{action.verb}_{kind}")(action))
+        return self._run(action, HANDLERS[(action.verb, kind)](self, action))
 
     def _run(self, action: Action, commands: list[dict]) -> str:
         if not commands:
@@ -282,8 +280,8 @@ class MosquittoProvider:
         else:
             description = live.spec.get("description")
         mark: dict[str, Any] = {"labels": dict(sorted(r.labels.items()))}
-        if self._scope != marker.DEFAULT_SCOPE:
-            mark["scope"] = self._scope
+        if action.scope != marker.DEFAULT_SCOPE:
+            mark["scope"] = action.scope
         if pw is None and live is not None:
             pw = live.facts.get("fingerprint")
         if pw:
@@ -416,7 +414,7 @@ class MosquittoProvider:
             if action.verb not in ("create", "update"):
                 raise ApplyError(f"Topic {topic!r}: cannot {action.verb} a Topic")
             want = action.desired.spec["retained"]
-            props = marker.user_properties(dict(action.desired.labels), self._scope)
+            props = marker.user_properties(dict(action.desired.labels), action.scope)
             payload = want["payload"].encode("utf-8")
             conn.publish(topic, payload, qos=want["qos"], retain=True, user_properties=props)
             if want["qos"] != 1:
@@ -434,3 +432,14 @@ class MosquittoProvider:
                              f"user {conn.username!r} needs publishClientSend on this topic") from None
         except TargetError as e:
             raise ApplyError(f"Topic {topic!r}: {e}") from None
+
+
+# Which method carries out (verb, kind) for the dynsec kinds: registered here, not found by name.
+HANDLERS = {
+    ("create", "MqttRole"): MosquittoProvider._create_MqttRole,
+    ("update", "MqttRole"): MosquittoProvider._update_MqttRole,
+    ("create", "MqttGroup"): MosquittoProvider._create_MqttGroup,
+    ("update", "MqttGroup"): MosquittoProvider._update_MqttGroup,
+    ("create", "MqttClient"): MosquittoProvider._create_MqttClient,
+    ("update", "MqttClient"): MosquittoProvider._update_MqttClient,
+}
