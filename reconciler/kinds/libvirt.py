@@ -655,6 +655,9 @@ def _snapshots_block(vm: str, ctx: PlanContext) -> str | None:
 def _classify_vm(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
     d = r.spec
     needs = tuple(ResourceId("Disk", x["disk"]) for x in d["disks"] if "disk" in x)
+    # A declared Network the VM attaches to is created first; when that fails, the VM is not attempted.
+    needs += tuple(ResourceId("Network", i["network"]) for i in d["interfaces"]
+                   if "network" in i and ResourceId("Network", i["network"]) in ctx.desired)
     if d["state"] == "absent":
         return _absent(r, live, _snapshots_block(r.id.name, ctx) if live else None)
     starts = d["state"] in ("running", "paused")
