@@ -58,10 +58,12 @@ def test_plan_diff_and_json_show_acl_and_membership_fields(mq):
     path = write_edge(mq)
     plan = mq.run("plan", str(path), "--diff", env=reader_env(mq))
     assert plan.code == 2, plan.out + plan.err
-    assert "spec.acls[publishClientSend edge/gw-1/config]: (none) -> " in plan.out
-    assert "spec.acls[subscribeLiteral edge/gw-1/config]" in plan.out
-    assert "spec.groups[field-devices]" in plan.out
-    assert "spec.password: (secret, changed)" in plan.out
+    # A create's diff shows what is created: the ACLs the Topic gives, memberships, never a password.
+    sensors = plan.out.split("[MqttRole/sensors]")[1].split("changed:")[0]
+    assert '"topic": "edge/gw-1/config", "type": "publishClientSend"' in sensors
+    assert '"topic": "edge/gw-1/config", "type": "subscribeLiteral"' in plan.out.split("[MqttRole/readers]")[1]
+    assert '+ spec.groups: [{"name": "field-devices", "priority": -1}]' in plan.out
+    assert "+ spec.password: (secret)" in plan.out
     js = mq.run("plan", str(path), "-o", "json", env=reader_env(mq)).json
     kinds = [(c["action"], c["kind"], c["name"]) for c in js["changes"]]
     # roles -> groups -> clients -> topics

@@ -148,6 +148,12 @@ class Connection:
             raise TargetError(f"broker {self.url} did not answer within {c.connect_timeout:.0f} s") from None
         except OSError as e:
             raise TargetError(f"cannot reach broker {self.url}: {e.strerror or e}") from None
+        try:
+            # paho leaves Nagle on: a small packet written while the last one waits for its (delayed)
+            # ACK would wait 40 ms; every exchange here is a small request and its answer.
+            c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
         self._thread = threading.Thread(target=self._run, name="mqtt-reconciler", daemon=True)
         self._thread.start()
         with self._cond:
@@ -200,7 +206,18 @@ class Connection:
 
     def _run(self) -> None:
         c = self._client
+        quickack = getattr(socket, "TCP_QUICKACK", None)
         while not self._stop.is_set():
+            # Mosquitto leaves Nagle on (set_tcp_nodelay false): when it writes two packets in a row
+            # (a PUBACK, then the dynsec response), the second waits for our ACK of the first, which
+            # Linux delays by 40 ms. Acknowledging at once makes a dynsec request take about 1 ms,
+            # not 40-50 (the kernel drops back to delayed ACKs by itself, so it is set each round).
+            sock = c.socket()
+            if quickack is not None and sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+                except OSError:
+                    pass
             rc = c.loop(timeout=0.2)
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 if not self._stop.is_set() and not self._closing:
