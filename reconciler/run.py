@@ -48,9 +48,7 @@ def read_all(providers: dict, say: Callable[[str], None] | None = None, desired=
     snap = Snapshot()
     for p in unique(providers):
         started = time.monotonic()
-        if hasattr(p, "declare"):
-            p.declare(desired)
-        part = p.read(frozenset(k for k, q in providers.items() if q is p))
+        part = p.read(frozenset(k for k, q in providers.items() if q is p), desired)
         if say:
             say(f"read {p.target()}: {len(part.objects)} live objects in {time.monotonic() - started:.2f}s")
         snap = snap.merged(part)

@@ -346,8 +346,7 @@ def test_plan_refuses_a_pool_qemu_cannot_reach_in_process(qemu_uri, prefix, pool
                           declared=frozenset(d["spec"])) for d in docs]
     p = LibvirtProvider(qemu_uri)
     try:
-        p.consider(resources)
-        plan = planner.plan(resources, p.read(frozenset({"StoragePool", "Disk", "VirtualMachine"})), Options())
+        plan = planner.plan(resources, p.read(frozenset({"StoragePool", "Disk", "VirtualMachine"}), resources), Options())
     finally:
         p.close()
     refused = {str(a.id): a.refused for a in plan.actions if a.refused}
@@ -360,14 +359,11 @@ def test_plan_refuses_a_pool_qemu_cannot_reach_in_process(qemu_uri, prefix, pool
     # test:/// is never checked (its pools are not QEMU's).
     t = LibvirtProvider("test:///default")
     try:
-        t.consider(resources)
-        assert "hypervisor_access" not in t.read(frozenset()).context
+        assert "hypervisor_access" not in t.read(frozenset(), resources).context
     finally:
         t.close()
 
 
-@pytest.mark.xfail(strict=True, reason="needs run.reconcile to call provider.consider(resources) before the read "
-                                       "(lead's file; the one-line hook is in the issue-10 helper report)")
 def test_plan_refuses_a_pool_qemu_cannot_reach(qemu_uri, prefix, pool_dir):
     home = _home0700(pool_dir)
     docs, pool_path = _unreachable_node(prefix, home)

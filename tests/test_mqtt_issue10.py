@@ -263,13 +263,13 @@ def test_declared_topic_missing_from_the_burst_is_asked_for_by_name(mq):
     mq.pub("a/c", "", retain=True)          # cleared by hand: really missing
     p = MosquittoProvider(mq.url, "admin", mq.broker.password)
     try:
-        p.declare(load([str(path)]))
+        declared = load([str(path)])
         conn = p._c()
         seen = {}
         real_sweep = conn.sweep
         # The burst is cut short here as a full queue would cut it; the names are then asked for.
         conn.sweep = lambda f="#", timeout=30.0: {} if f == "#" else real_sweep(f, timeout)
-        snap = p.read(frozenset({"Topic"}))
+        snap = p.read(frozenset({"Topic"}), declared)
         seen = {rid.name for rid in snap.objects}
         assert seen == {"a/b"}
     finally:
@@ -295,14 +295,13 @@ def test_client_deleted_during_the_read_is_read_as_gone(mq):
         del os.environ["READER_PW"]
 
     class Racing(MosquittoProvider):
-        def _test_passwords(self, conn, objects):
+        def _test_passwords(self, conn, objects, passwords):
             mq.ctrl("deleteClient", "dashboard")
-            return super()._test_passwords(conn, objects)
+            return super()._test_passwords(conn, objects, passwords)
 
     p = Racing(mq.url, "admin", mq.broker.password)
     try:
-        p.declare(resources)
-        snap = p.read(frozenset({"MqttRole", "MqttGroup", "MqttClient", "Topic"}))
+        snap = p.read(frozenset({"MqttRole", "MqttGroup", "MqttClient", "Topic"}), resources)
         assert ResourceId("MqttClient", "dashboard") not in snap.objects
         assert snap.objects[ResourceId("MqttClient", "sensor-01")].facts.get("login") == "accepted"
     finally:

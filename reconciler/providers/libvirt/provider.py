@@ -108,28 +108,22 @@ class LibvirtProvider:
 
     # ------------------------------------------------------------------ reading
 
-    def consider(self, resources) -> None:
-        """The declared objects of this run, before read(): their folders are checked for QEMU's access."""
-        from ...kinds.libvirt import paths_of_interest
-        self._folders = {p for r in resources for p in paths_of_interest(r.id.kind, r.spec)}
-        # Disks with a source image: the image is read (checksum, format, size) only if the disk is new.
-        self._sources = {r.id.name: r.spec["source"]["path"] for r in resources
-                         if r.id.kind == "Disk" and r.spec.get("source")}
-
-    # run.read_all hands the declared resources to a provider's declare().
-    declare = consider
-
-    def _access(self, pools: dict[str, str]) -> dict:
+    def _access(self, pools: dict[str, str], folders: set[str]) -> dict:
         """The host fact of kinds/libvirt.py's HypervisorAccess, for a local qemu:///system only."""
         from .hostaccess import read_access
         from ...kinds.libvirt import ACCESS_FACT
-        access = read_access(self.uri, self._folders | {p for p in pools.values() if p})
+        access = read_access(self.uri, folders | {p for p in pools.values() if p})
         return {ACCESS_FACT: access} if access is not None else {}
 
-    def read(self, kinds: frozenset[str]) -> Snapshot:
+    def read(self, kinds: frozenset[str], desired=()) -> Snapshot:
+        """Every live object of `kinds`, and the host facts the kinds consult. `desired` (the declared
+        resources): their folders are checked for QEMU's access, and a new disk's source image is read
+        (checksum, format, size)."""
+        from ...kinds.libvirt import paths_of_interest
+        folders = {p for r in desired for p in paths_of_interest(r.id.kind, r.spec)}
+        sources = {r.id.name: r.spec["source"]["path"] for r in desired if r.id.kind == "Disk" and r.spec.get("source")}
         try:
-            snap = self._read()
-            sources = getattr(self, "_sources", {})
+            snap = self._read(folders)
             if sources:
                 from ...kinds.libvirt import IMAGES_FACT
                 new = {n for n in sources if ResourceId("Disk", n) not in snap.objects}
@@ -141,7 +135,7 @@ class LibvirtProvider:
         except libvirt.libvirtError as e:
             raise TargetError(f"reading libvirt at {self.uri} failed: {_msg(e)}") from None
 
-    def _read(self) -> Snapshot:
+    def _read(self, folders: set[str] = frozenset()) -> Snapshot:
         conn = self.conn
         objects: dict[ResourceId, Live] = {}
         pools: dict[str, str] = {}
@@ -247,7 +241,7 @@ class LibvirtProvider:
                 objects.pop(ResourceId("Disk", path_to_disk[seed["path"]]), None)
             rid = ResourceId("VirtualMachine", name)
             objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts, parsed["scope"])
-        return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases(), **self._access(pools)})
+        return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases(), **self._access(pools, set(folders))})
 
     def _machine_aliases(self) -> dict:
         """{arch: {alias: canonical}} from the host's capabilities ("pc" -> "pc-i440fx-7.2")."""

@@ -81,20 +81,20 @@ class MosquittoProvider:
         self.url = url
         self._conn = Connection(url, username, password, cafile)   # validates the URL, no I/O
         self._open = False
-        self._passwords: dict[str, Any] = {}     # client name -> Secret, of the declared clients
-        self._topics: list[str] = []             # declared topics that can hold a retained message
 
-    def declare(self, resources: Iterable[Resource]) -> None:
-        """The objects the manifests declare, told before `read`: the read then tests each declared
-        client's password by a login and asks by name for declared topics the sweep did not bring.
-        Without it, a read relies on the fingerprints and the sweep alone."""
-        self._passwords, topics = {}, set()
+    @staticmethod
+    def _declared(resources: Iterable[Resource]) -> tuple[dict[str, Any], list[str]]:
+        """From the objects the manifests declare: each declared client's password (a Secret), which the
+        read tests by a login, and the declared topics that can hold a retained message, which it asks
+        for by name when the sweep did not bring them."""
+        passwords: dict[str, Any] = {}
+        topics = set()
         for r in resources:
             if r.id.kind == "MqttClient" and r.spec.get("password") is not None:
-                self._passwords[r.id.name] = r.spec["password"]
+                passwords[r.id.name] = r.spec["password"]
             elif r.id.kind == "Topic" and not has_wildcards(r.id.name) and not r.id.name.startswith("$"):
                 topics.add(r.id.name)
-        self._topics = sorted(topics)
+        return passwords, sorted(topics)
 
     def __repr__(self) -> str:
         return f"MosquittoProvider({self.url!r}, username={self._conn.username!r})"
@@ -115,7 +115,10 @@ class MosquittoProvider:
 
     # ------------------------------------------------------------------ read
 
-    def read(self, kinds: frozenset[str] = frozenset(of_target("mqtt"))) -> Snapshot:
+    def read(self, kinds: frozenset[str] = frozenset(of_target("mqtt")), desired: Iterable[Resource] = ()) -> Snapshot:
+        """Every live object of `kinds`. `desired` (the declared resources) lets the read find what only a
+        declared value can tell; without it, the read relies on the fingerprints and the sweep alone."""
+        passwords, declared_topics = self._declared(desired)
         kinds = frozenset(kinds) & set(of_target("mqtt"))
         objects: dict[ResourceId, Live] = {}
         if not kinds:
@@ -163,23 +166,23 @@ class MosquittoProvider:
                 objects[ResourceId("MqttDefaults", DEFAULTS_NAME)] = Live(
                     ResourceId("MqttDefaults", DEFAULTS_NAME),
                     {"aclAccess": {k: access[k] for k in ACL_ACCESS if k in access}, "anonymousGroup": anonymous})
-        if "MqttClient" in kinds and self._passwords:
-            self._test_passwords(conn, objects)
+        if "MqttClient" in kinds and passwords:
+            self._test_passwords(conn, objects, passwords)
         if "Topic" in kinds:
             found = conn.sweep("#")
-            missing = [t for t in self._topics if t not in found]
+            missing = [t for t in declared_topics if t not in found]
             if missing:
                 found.update(conn.sweep_topics(missing))
             for m in found.values():
                 objects[ResourceId("Topic", m.topic)] = _topic_live(m)
         return Snapshot(objects, context)
 
-    def _test_passwords(self, conn: Connection, objects: dict[ResourceId, Live]) -> None:
+    def _test_passwords(self, conn: Connection, objects: dict[ResourceId, Live], passwords: dict[str, Any]) -> None:
         """Whether the broker still accepts each declared client's password: a password changed by
         hand (setClientPassword) leaves our fingerprint as it was, so only a login can tell. Sets the
         fact `login` (accepted | refused) or `login_untested` (why no login was made)."""
         logins: list[tuple[str, str]] = []
-        for name, secret in sorted(self._passwords.items()):
+        for name, secret in sorted(passwords.items()):
             rid = ResourceId("MqttClient", name)
             live = objects.get(rid)
             if live is None:
