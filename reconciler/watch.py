@@ -58,6 +58,8 @@ DEBOUNCE_UNDECLARED = 1.0
 # deliver them asynchronously).
 SETTLE = 1.0
 LOOP_LIMIT = 5
+# How long the first round waits for the event sources to listen.
+CONNECT_WAIT = 3.0
 MQTT_KINDS_DYNSEC = ("MqttRole", "MqttGroup", "MqttClient", "MqttDefaults")
 
 
@@ -168,6 +170,9 @@ class _Relevance:
         self.dynsec = False           # the manifests declare dynamic-security objects
         self.echo: dict[tuple, float] = {}
         self.echo_dynsec_until = 0.0
+        # VM name -> the state the last round left it in: a lifecycle event that contradicts it is
+        # a change by hand even inside the echo window (virsh destroy right after our start).
+        self.left: dict[str, str] = {}
 
     def learn(self, o: Outcome | None, ended: float) -> None:
         if o is None:
@@ -176,15 +181,23 @@ class _Relevance:
             self.declared = {a.id for a in o.plan.steps if a.desired is not None}
             self.dynsec = any(i.kind in MQTT_KINDS_DYNSEC or i.kind == "Topic" for i in self.declared)
         self.echo = {k: t for k, t in self.echo.items() if t >= ended}
+        self.left = {}
         until = ended + SETTLE
         for r in o.results or ():
             if r.status not in ("applied", "failed"):
                 continue
             for key in _touched(r.action):
                 self.echo[key] = until
+            a = r.action
+            if a.id.kind == "VirtualMachine" and a.desired is not None:
+                self.left[a.id.name] = "absent" if a.verb == "delete" else a.desired.spec.get("state", "running")
             if r.action.id.kind in MQTT_KINDS_DYNSEC or r.action.id.kind == "Topic":
                 # Topics carry their publishers' and subscribers' ACLs in the roles.
                 self.echo_dynsec_until = until
+
+    def _contradicts(self, ev: Event) -> bool:
+        state = self.left.get(ev.name or "") if ev.kind == "VirtualMachine" else None
+        return state is not None and ev.what in _CONTRADICTS.get(state, ())
 
     def keeps(self, ev: Event) -> bool | str:
         """False, or "declared" / "undeclared" (how long to gather)."""
@@ -194,11 +207,20 @@ class _Relevance:
             if ev.at <= self.echo_dynsec_until:
                 return False
             return "declared" if (self.dynsec or self.prune) else False
-        if ev.at <= self.echo.get((ev.kind, ev.name), 0.0):
+        if ev.at <= self.echo.get((ev.kind, ev.name), 0.0) and not self._contradicts(ev):
             return False
         if ResourceId(ev.kind, ev.name or "") in self.declared:
             return "declared"
         return "undeclared" if self.prune else False
+
+
+# Lifecycle events that cannot be the echo of leaving a VM in a state.
+_CONTRADICTS = {
+    "running": {"stopped", "shut down", "undefined", "suspended", "crashed", "power-management suspended"},
+    "paused": {"stopped", "shut down", "undefined", "resumed", "crashed"},
+    "shutoff": {"started", "resumed", "suspended", "undefined"},
+    "absent": {"defined", "started"},
+}
 
 
 def _touched(action) -> list[tuple]:
@@ -225,11 +247,31 @@ class _Sources:
         self.broker = None
         self.quiet = cfg.output.quiet
 
+    def prime(self, signalled: list) -> None:
+        """Before the first round: the manifests' kinds start their sources, and the first round
+        runs once they listen (at most CONNECT_WAIT each), so no change falls between its read and
+        the subscription. A manifest error is left for the round to report."""
+        from . import manifests
+        from .errors import ReconcilerError
+        try:
+            resources = manifests.read(list(self.cfg.paths)).resources
+        except ReconcilerError:
+            return
+        self._want({r.id.kind for r in resources}, [r.id.name for r in resources if r.id.kind == "Topic"])
+        deadline = time.monotonic() + CONNECT_WAIT
+        sources = [s for s in (self.libvirt, self.broker) if s is not None]
+        while not signalled and time.monotonic() < deadline and not all(s.tried.is_set() for s in sources):
+            time.sleep(0.02)     # start-up only; a signal must still stop the watch at once
+
     def sync(self, o: Outcome | None) -> None:
+        """After a round: sources for targets the manifests now use, and the managed topics."""
         if o is None or o.plan is None:
             return
+        steps = [a for a in o.plan.steps if a.desired is not None]
+        self._want({a.id.kind for a in steps}, [a.id.name for a in steps if a.id.kind == "Topic"])
+
+    def _want(self, kinds: set[str], topics: list[str]) -> None:
         from .kinds.registry import of_target
-        kinds = {a.id.kind for a in o.plan.steps if a.desired is not None}
         t = self.cfg.targets
         if self.libvirt is None and kinds & set(of_target("libvirt")):
             from .providers.libvirt.events import LibvirtEvents
@@ -244,7 +286,7 @@ class _Sources:
             self.broker.start()
             self._announce(self.broker.connected, f"broker {t.mqtt_url}")
         if self.broker is not None:
-            self.broker.set_topics(a.id.name for a in o.plan.steps if a.id.kind == "Topic" and a.desired is not None)
+            self.broker.set_topics(topics)
 
     def _announce(self, connected: threading.Event, what: str) -> None:
         if self.quiet:
@@ -268,6 +310,7 @@ class _Round:
         self.fn, self.waker = fn, waker
         self.result = None
         self.error: BaseException | None = None
+        self.finished = threading.Event()
         self.thread = threading.Thread(target=self._run, name="reconciler-round", daemon=True)
         self.thread.start()
 
@@ -277,10 +320,13 @@ class _Round:
         except BaseException as e:  # reported by the main thread
             self.error = e
         finally:
+            # Set before the poke: the main thread, woken, must see it (the thread itself is still
+            # alive for a moment after, so is_alive() would miss the wake-up).
+            self.finished.set()
             self.waker.poke()
 
     def done(self) -> bool:
-        return not self.thread.is_alive()
+        return self.finished.is_set()
 
 
 def watch(cfg: RunConfig) -> int:
@@ -299,6 +345,7 @@ def watch(cfg: RunConfig) -> int:
             return _loop(cfg, stop, signalled, _InventoryRounds(cfg, stop), waker, None, None)
         inbox = _Inbox(waker)
         sources = _Sources(cfg, inbox)
+        sources.prime(signalled)
         return _loop(cfg, stop, signalled, _HostRounds(cfg, stop), waker, inbox, sources)
     finally:
         if sources is not None:
@@ -320,6 +367,7 @@ def _loop(cfg: RunConfig, stop: threading.Event, signalled: list, rounds, waker:
             print(f"watch: round {n} at {time.strftime('%Y-%m-%d %H:%M:%S')}{why}", flush=True)
         if inbox is not None:
             inbox.take()      # whatever happened before this round, its read sees
+        started = time.monotonic()
         r = _Round(lambda: rounds.run(n), waker)
         while not r.done():
             if signalled and not stop.is_set():
@@ -341,6 +389,8 @@ def _loop(cfg: RunConfig, stop: threading.Event, signalled: list, rounds, waker:
             _say("stopped")
             return 0
         ended = time.monotonic()
+        if cfg.output.verbose:
+            _say(f"round {n} took {ended - started:.2f}s")
         delay = rounds.after(n, r.result, r.error)
         outcome = r.result if isinstance(r.result, Outcome) else None
         relevance.learn(outcome, ended)
@@ -358,6 +408,8 @@ def _loop(cfg: RunConfig, stop: threading.Event, signalled: list, rounds, waker:
                 return 0
             for ev in inbox.take() if inbox is not None else ():
                 keep = relevance.keeps(ev)
+                if cfg.output.verbose:
+                    _say(f"event from {ev.target}: {ev.label()} ({'kept' if keep else 'ignored'})")
                 if not keep:
                     continue
                 if not gathered and busy >= LOOP_LIMIT:
