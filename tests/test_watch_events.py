@@ -208,6 +208,36 @@ def test_lost_libvirt_connection_is_reopened_and_followed_by_a_full_pass(test_un
     assert w.p.returncode == 0 and "Traceback" not in w.text, w.text
 
 
+@pytest.mark.libvirt
+def test_memory_changed_with_virsh_on_qemu_is_corrected_at_once(qemu_uri, prefix, tmp_path):
+    """libvirt sends no event for `virsh setmem` / `setvcpus` (probed: libvirt 9.0, QEMU 7.2); on a
+    local qemu:///system the definition file libvirt rewrites tells the watch instead."""
+    name = f"{prefix}vm"
+    m = write(tmp_path / "repo" / "vm.yaml", doc("VirtualMachine", name, {
+        "hypervisor": "qemu", "memory": "128MiB", "maxMemory": "256MiB", "vcpus": 1, "maxVcpus": 2,
+        "state": "shutoff", "graphics": "none"}))
+    w = Watch(str(tmp_path / "repo"), "--libvirt-uri", qemu_uri, lock_dir=tmp_path / "locks")
+    try:
+        w.wait_line(r"watching libvirt at .* for changes")
+        w.wait_line(r"round 1 took", timeout=120)
+        w.settled()
+        mem = lambda: virsh(qemu_uri, "dominfo", name).split("Used memory:")[1].split()[0]  # noqa: E731
+        assert mem() == str(128 * 1024)
+        before = len(w.rounds())
+        virsh(qemu_uri, "setmem", name, "100000", "--config")
+        wait_for(lambda: mem() == str(128 * 1024), what="the memory set by hand to be set back")
+        w.settled()
+        assert len(w.rounds()) == before + 1, w.text
+        assert f"VirtualMachine/{name} definition file changed)" in w.rounds()[-1]
+        virsh(qemu_uri, "setvcpus", name, "2", "--config")
+        wait_for(lambda: virsh(qemu_uri, "vcpucount", name, "--config", "--current").strip() == "1",
+                 what="the vCPUs set by hand to be set back")
+    finally:
+        w.stop()
+    assert w.p.returncode == 0 and "Traceback" not in w.text, w.text
+    apply_twice(m, "--libvirt-uri", qemu_uri)
+
+
 def _disconnect_clients_of(pid: int) -> list[str]:
     out = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"], capture_output=True, text=True,
                          check=True).stdout
