@@ -201,19 +201,36 @@ def test_failing_host_beside_a_succeeding_one(fleet):
     assert fleet.clients("h2") == set()               # bad input never touches a host
     assert r.recap("h1")["changed"] == 0 and r.recap("h1")["failed"] == 0
 
+    # A change the reconciler refuses (a Disk in a pool that exists nowhere), in check mode: h2 fails
+    # with the reconciler's reason, h1 is in sync.
+    (fleet.site / "hosts" / "h2" / "bad.yaml").unlink()
+    write(fleet.site / "hosts" / "h2" / "refused.yaml",
+          doc("Disk", f"{fleet.prefix}-disk", {"pool": f"{fleet.prefix}-no-such-pool", "capacity": "1MiB",
+                                               "format": "qcow2"}))
+    r = fleet.play("--check")
+    assert r.task(RECONCILE_TASK) == {"h1": "ok", "h2": "failed"}, r.out
+    assert re.search(rf"fatal: \[h2\]: FAILED! => .*Disk/{fleet.prefix}-disk create: pool '{fleet.prefix}-no-such-pool' "
+                     r"is neither declared nor on the host", r.out), r.out
+
     # serial 1 with max_fail_percentage 0: the failing first batch stops the roll-out before h1's turn.
     fleet.inventory({}, hosts=["h2", "h1"])
     Mqtt(fleet.brokers["h1"], fleet.tmp).ctrl("deleteRole", f"{fleet.prefix}-readers")
     r = fleet.play(serial=1)
     assert r.task(RECONCILE_TASK) == {"h2": "failed"}, r.out
     assert f"{fleet.prefix}-readers" not in fleet.roles("h1")
+    # On h2 the apply went on with what does not depend on the refused Disk: the task failed, and
+    # says it changed the host.
+    assert fleet.clients("h2") == {f"{fleet.prefix}-h2-sensor"}
+    fatal = next(l for l in r.out.splitlines() if l.startswith("fatal: [h2]"))
+    assert '"changed": true' in fatal and "neither declared nor on the host" in fatal, fatal
 
-    # The manifest fixed: both converge (the no-op rerun is test_check_apply_rerun_and_diff_after_drift's).
-    (fleet.site / "hosts" / "h2" / "bad.yaml").unlink()
+    # The refused Disk removed from the repository: h1 catches up, h2 is already in sync.
+    (fleet.site / "hosts" / "h2" / "refused.yaml").unlink()
     r = fleet.play()
-    assert r.code == 0 and r.task(RECONCILE_TASK) == {"h1": "changed", "h2": "changed"}, r.out
+    assert r.code == 0 and r.task(RECONCILE_TASK) == {"h1": "changed", "h2": "ok"}, r.out
+    assert f"{fleet.prefix}-readers" in fleet.roles("h1")
     # The staged copy of the deleted manifest was removed from the host too.
-    assert not (fleet.tmp / "dest" / "h2" / "hosts" / "h2" / "bad.yaml").exists()
+    assert not (fleet.tmp / "dest" / "h2" / "hosts" / "h2" / "refused.yaml").exists()
     assert fleet.clients("h2") == {f"{fleet.prefix}-h2-sensor"}
 
 
