@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,25 @@ def test_ansible_pull_example_applies_only_the_verified_commit(tmp_path, mq):
     assert f"applying the last verified commit {v1[:12]}" in r.stderr
     assert roles(mq)[f"{prefix}-a"] == "v1" and site.verified == 0
     assert re.search(r"localhost\s+: ok=\d+\s+changed=0 ", r.stdout), r.stdout
+
+
+def test_two_runs_at_once_the_second_does_nothing(tmp_path):
+    """ansible-pull and a hand-started run must not fight over the work tree: one lock per repository."""
+    site = Site(tmp_path)
+    site.commit({"common/r.yaml": [role("x", "v1")]}, "v1", key=site.trusted_key)
+    started, marker = tmp_path / "started", tmp_path / "second-ran"
+    first = subprocess.Popen([str(PULL), "--repo", str(site.node), "--allowed-signers", str(site.allowed), "--",
+                              "sh", "-c", f"touch {started}; sleep 60"], stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        for _ in range(600):
+            if started.exists():
+                break
+            time.sleep(0.1)
+        assert started.exists(), "the first run never started its command"
+        second = site.pull("touch", str(marker))
+        assert second.returncode == 0 and "another pull run holds the lock" in second.stderr
+        assert not marker.exists()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)      # the wrapper and the sleep it started
+        first.communicate(timeout=60)
