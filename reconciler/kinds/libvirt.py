@@ -3,7 +3,7 @@ declared specs, the references they make, and classifying desired vs live into a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .. import cloudinit
@@ -198,6 +198,47 @@ def disk_path(ctx: PlanContext, name: str) -> str | None:
     return None
 
 
+def disk_source(ctx: PlanContext, name: str) -> dict | None:
+    """{path, format} of a Disk: the live volume's, or where and how this plan will create it."""
+    live = ctx.objects.get(ResourceId("Disk", name))
+    if live is not None:
+        return {"path": live.facts.get("path"), "format": live.spec.get("format")}
+    d = ctx.desired.get(ResourceId("Disk", name))
+    path = disk_path(ctx, name)
+    if d is None or path is None:
+        return None
+    return {"path": path, "format": d.spec.get("format")}
+
+
+def _with_sources(r: Resource, ctx: PlanContext) -> Resource:
+    """The desired VM with each Disk reference resolved to its file and format (`source`): the
+    provider executes the action with nothing to look up."""
+    spec = dict(r.spec)
+    refs = [x["disk"] for x in spec.get("disks", ()) if "disk" in x]
+    if not refs:
+        return r
+    spec["disks"] = [{**x, "source": disk_source(ctx, x["disk"])} if "disk" in x else x for x in spec["disks"]]
+    ci = spec.get("cloudInit")
+    if ci and not ci.get("pool"):
+        # The seed's pool defaults to the pool of the VM's first declared disk.
+        first = ctx.desired.get(ResourceId("Disk", refs[0])) or ctx.objects.get(ResourceId("Disk", refs[0]))
+        if first is not None and first.spec.get("pool"):
+            spec["cloudInit"] = {**ci, "pool": first.spec["pool"]}
+    return replace(r, spec=spec)
+
+
+def _attached(ctx: PlanContext, path: str | None) -> list[dict]:
+    """The running or paused VMs that hold a volume's file, by target: a grow goes through QEMU there."""
+    out = []
+    for rid, vm in ctx.objects.items():
+        if rid.kind != "VirtualMachine" or vm.facts.get("state") not in ("running", "paused"):
+            continue
+        for x in vm.spec.get("disks", ()):
+            if path and x.get("path") == path:
+                out.append({"vm": rid.name, "target": x["target"]})
+    return out
+
+
 def backing_path(ctx: PlanContext, spec: dict) -> str | None:
     b = spec.get("backingStore")
     if not b:
@@ -303,7 +344,12 @@ class DiskRules:
                     capacity = max(capacity or 0, img["virtual_size"])
                     reason += f"; from {img['format']} image {d['source']['path']} (sha256 {img['sha256'][:12]}…" \
                               + (", checked)" if d["source"]["sha256"] else ", not declared)")
-            return [Action("create", r.id, reason, desired=r, needs=tuple(needs),
+            resolved = r
+            if d["backingStore"] and "disk" in d["backingStore"]:
+                # The base's file and format, so the provider needs no lookup (it may be created in this run).
+                base = disk_source(ctx, d["backingStore"]["disk"]) or {}
+                resolved = replace(r, spec={**d, "backingStore": {**d["backingStore"], **base}})
+            return [Action("create", r.id, reason, desired=resolved, needs=tuple(needs),
                            changes=(FieldChange("spec.capacity", None, capacity, "config"),), refused=refused)]
         l = live.spec
         refusals = []
@@ -332,8 +378,10 @@ class DiskRules:
             return [Action("update", r.id, "; ".join(refusals), desired=r, live=live,
                            changes=tuple(refused_fields + changes), refused="; ".join(refusals))]
         if changes:
+            attached = _attached(ctx, live.facts.get("path"))
+            resolved = replace(r, spec={**d, "attached": attached}) if attached else r
             return [Action("update", r.id, f"grow {format_bytes(cap)} -> {format_bytes(d['capacity'])} in place",
-                           desired=r, live=live, changes=tuple(changes))]
+                           desired=resolved, live=live, changes=tuple(changes))]
         return [_noop(r, live, "capacity, format and backing store match")]
 
 
@@ -526,7 +574,8 @@ class VirtualMachineRules:
 
     @staticmethod
     def classify(r: Resource, live: Live | None, ctx: PlanContext) -> list[Action]:
-        return _classify_vm(r, live, ctx)
+        resolved = _with_sources(r, ctx)
+        return [replace(a, desired=resolved) if a.desired is r else a for a in _classify_vm(r, live, ctx)]
 
 
 def _machine_matches(ctx: PlanContext, desired: str | None, arch: str, live: str | None) -> bool:

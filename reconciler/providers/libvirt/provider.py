@@ -67,7 +67,6 @@ class LibvirtProvider:
         self._lock = threading.Lock()
         # Filled by read(), kept current by apply(): what apply needs to resolve names.
         self.volumes: dict[str, dict] = {}      # disk name -> parsed volume + pool
-        self.domain_users: dict[str, list] = {}  # volume path -> [(domain name, target)]
         # Folders the declared objects make QEMU reach (consider()); read() checks QEMU can.
         self._folders: set[str] = set()
 
@@ -221,7 +220,6 @@ class LibvirtProvider:
                                         facts={"path": v["path"]})
             described = [d for d in (j.result() for j in dom_jobs) if d is not None]
 
-        self.domain_users = {}
         self.domain_records: dict[str, dict] = {}   # domain -> snapshots taken and restores run
         for name, parsed, live_spec in described:
             state = "running" if name in running else "paused" if name in paused else "shutoff"
@@ -231,10 +229,8 @@ class LibvirtProvider:
             if any(parsed.get("records", {}).values()):
                 self.domain_records[name] = parsed["records"]   # read by providers/libvirt/backup.py
             for d in parsed["spec"]["disks"]:
-                if d["path"]:
-                    self.domain_users.setdefault(d["path"], []).append((name, d["target"], state))
-                    if d["path"] in path_to_disk:
-                        d["disk"] = path_to_disk[d["path"]]
+                if d["path"] and d["path"] in path_to_disk:
+                    d["disk"] = path_to_disk[d["path"]]
             seed = parsed["spec"].get("cloudInit")
             if seed and seed.get("path") in path_to_disk:
                 # A VM's cloud-init seed volume belongs to the VM, not to the Disks a manifest declares.
@@ -334,33 +330,26 @@ class LibvirtProvider:
             backing = None
             b = spec["backingStore"]
             if b:
-                if "disk" in b:
-                    base = self.volumes.get(b["disk"])
-                    if base is None:
-                        raise ApplyError(f"backing disk {b['disk']!r} does not exist")
-                    backing = (base["path"], base["format"])
-                else:
-                    backing = (b["path"], b.get("format", "qcow2"))
+                # The planner resolved a backing Disk to its file and format.
+                if not b.get("path"):
+                    raise ApplyError(f"backing disk {b.get('disk')!r} does not exist")
+                backing = (b["path"], b.get("format") or "qcow2")
             if spec.get("source"):
                 vol = images.import_image(self, pool, a.id.name, spec)
             else:
                 vol = pool.createXML(domxml.build_volume(a.id.name, spec["capacity"], spec["format"], backing), 0)
         v = domxml.parse_volume(vol.XMLDesc(0))
-        v["pool"] = spec["pool"]
-        self.volumes[a.id.name] = v
         if spec.get("source"):
             return f"created {spec['format']} volume {v['path']} from {spec['source']['path']}"
         return f"created {spec['format']} volume {v['path']}"
 
     def _update_Disk(self, a: Action, o: Options) -> str:
         new = a.desired.spec["capacity"]
-        path = a.live.facts["path"]
-        for dom_name, target, state in self.domain_users.get(path, []):
-            if state in ("running", "paused"):
-                # qemu-img cannot resize an image a running VM holds; QEMU itself can.
-                dom = self.conn.lookupByName(dom_name)
-                dom.blockResize(target, new, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
-                return f"grown to {new} bytes through running VM {dom_name} ({target})"
+        for use in a.desired.spec.get("attached", ()):
+            # qemu-img cannot resize an image a running VM holds; QEMU itself can.
+            dom = self.conn.lookupByName(use["vm"])
+            dom.blockResize(use["target"], new, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            return f"grown to {new} bytes through running VM {use['vm']} ({use['target']})"
         vol = self._pool_of(a.desired.spec["pool"]).storageVolLookupByName(a.id.name)
         vol.resize(new, 0)
         return f"grown to {new} bytes in place"
@@ -368,19 +357,20 @@ class LibvirtProvider:
     def _delete_Disk(self, a: Action, o: Options) -> str:
         vol = self.conn.storageVolLookupByPath(a.live.facts["path"])
         vol.delete(0)
-        self.volumes.pop(a.id.name, None)
         return f"deleted {a.live.facts['path']}"
 
     # domains
 
-    def _disk_sources(self, spec: dict) -> dict:
+    @staticmethod
+    def _disk_sources(spec: dict) -> dict:
+        """Each disk target's (file, format); the planner resolved Disk references (`source`)."""
         out = {}
         for d in spec["disks"]:
             if "disk" in d:
-                v = self.volumes.get(d["disk"])
-                if v is None:
+                src = d.get("source") or {}
+                if not src.get("path"):
                     raise ApplyError(f"disk {d['disk']!r} does not exist")
-                out[d["target"]] = (v["path"], v["format"])
+                out[d["target"]] = (src["path"], src.get("format"))
             else:
                 out[d["target"]] = (d["path"], d.get("format") or ("raw" if d["device"] == "cdrom" else "qcow2"))
         return out
