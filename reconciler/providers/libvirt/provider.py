@@ -259,13 +259,11 @@ class LibvirtProvider:
     # ------------------------------------------------------------------ applying
 
     def apply(self, action: Action, options: Options) -> str:
-        registered = HANDLERS.get((action.verb, action.id.kind))
-        handler = (lambda a, o: registered(self, a, o)) if registered else \
-            getattr(self, f"_{action.verb}_{action.id.kind}", None)
+        handler = HANDLERS.get((action.verb, action.id.kind))
         if handler is None:
             raise ApplyError(f"{action.id}: {action.verb} is not supported")
         try:
-            return handler(action, options)
+            return handler(self, action, options)
         except libvirt.libvirtError as e:
             code = e.get_error_code()
             if code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT,
@@ -596,3 +594,17 @@ class LibvirtProvider:
         # The seed goes with its VM (declared Disks stay).
         seed = images.delete_seed(self.conn, a.live.spec.get("cloudInit") if a.live else None)
         return "stopped and undefined (its disks are kept" + (f"; {seed}" if seed else "") + ")"
+
+
+# The core kinds' handlers, in the same table as every other kind's (providers/libvirt/handlers.py).
+HANDLERS[("create", "StoragePool")] = LibvirtProvider._create_StoragePool
+HANDLERS[("update", "StoragePool")] = LibvirtProvider._update_StoragePool
+HANDLERS[("delete", "StoragePool")] = LibvirtProvider._delete_StoragePool
+HANDLERS[("create", "Disk")] = LibvirtProvider._create_Disk
+HANDLERS[("update", "Disk")] = LibvirtProvider._update_Disk
+HANDLERS[("delete", "Disk")] = LibvirtProvider._delete_Disk
+HANDLERS[("create", "VirtualMachine")] = LibvirtProvider._create_VirtualMachine
+HANDLERS[("update", "VirtualMachine")] = LibvirtProvider._update_VirtualMachine
+HANDLERS[("restart", "VirtualMachine")] = LibvirtProvider._restart_VirtualMachine
+HANDLERS[("replace", "VirtualMachine")] = LibvirtProvider._replace_VirtualMachine
+HANDLERS[("delete", "VirtualMachine")] = LibvirtProvider._delete_VirtualMachine
