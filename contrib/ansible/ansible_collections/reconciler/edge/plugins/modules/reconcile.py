@@ -233,9 +233,9 @@ def _command(module, binary, mode):
     for option, flag in flags:
         if p[option] is not None:
             cmd.extend([flag, p[option]])
-    switches = [("prune", "--prune"), ("force", "--force")]
-    if mode == "apply":
-        switches += [("allow_restart", "--allow-restart"), ("allow_replace", "--allow-replace")]
+    # plan takes the allow flags too: check mode then shows what apply would do with them.
+    switches = [("prune", "--prune"), ("force", "--force"), ("allow_restart", "--allow-restart"),
+                ("allow_replace", "--allow-replace")]
     cmd.extend(flag for option, flag in switches if p[option])
     return cmd
 
