@@ -133,6 +133,48 @@ def test_fixed_client_id_is_never_disturbed(mq):
         device.close()
 
 
+def test_password_changed_by_hand_is_found_over_mqtts(tmp_path):
+    """The test logins go over the admin session's URL, TLS and CA (a remote broker's set-up)."""
+    import subprocess
+    certs = tmp_path / "certs"
+    certs.mkdir()
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=certs, check=True, capture_output=True, timeout=60)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+         "-keyout", "ca.key", "-out", "ca.crt")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
+    (certs / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "2", "-out", "server.crt", "-extfile", "ext.cnf")
+    import devbroker
+    tls_port = devbroker.free_port()
+    b = start_broker(tmp_path / "broker", tls={"port": tls_port, "certfile": str(certs / "server.crt"),
+                                                "keyfile": str(certs / "server.key")})
+    m = Mqtt(b, tmp_path)
+    try:
+        tls = ("--mqtt-url", f"mqtts://localhost:{tls_port}", "--mqtt-cafile", str(certs / "ca.crt"))
+        pws = {}
+        docs = []
+        for i in range(5):
+            pws[i] = m.secret(f"tls-pass-{i}-x")
+            (tmp_path / f"pw{i}").write_text(pws[i])
+            docs.append(doc("MqttClient", f"tls-dev-{i}", {"password": {"fromFile": str(tmp_path / f"pw{i}")}}))
+        path = write(tmp_path / "m" / "c.yaml", *docs)
+        m.apply_twice(path, *tls)
+        m.ctrl("setClientPassword", "tls-dev-3", m.secret("by-hand-3"))
+        js = m.run("plan", str(path), *tls, "-o", "json").json
+        assert [(c["name"], c["fields"]) for c in js["changes"]] == [("tls-dev-3", ["spec.password"])]
+        m.apply_twice(path, *tls)
+        device = login(b.port, "tls-dev-3", pws[3])
+        assert device.connected
+        device.close()
+        m.assert_no_secret_leaked()
+    finally:
+        b.stop()
+
+
 def test_listener_that_uses_user_names_as_client_ids_gets_no_test_login(tmp_path):
     """With `use_username_as_clientid true` every login as a device's user gets the device's client id,
     so a test login would disconnect the device: the admin session sees it (the client id the broker
