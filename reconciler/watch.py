@@ -289,7 +289,7 @@ class _Sources:
             self.broker.set_topics(topics)
 
     def _announce(self, connected: threading.Event, what: str) -> None:
-        if self.quiet:
+        if self.quiet and not self.cfg.output.verbose:
             return
 
         def wait() -> None:
