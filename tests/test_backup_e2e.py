@@ -134,12 +134,14 @@ def test_kill_during_a_backup_leaves_nothing_counted_as_good(site, tmp_path, qem
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the apply finished before the backup job was seen; nothing was interrupted"
+    # QEMU goes on copying for the killed run, and the next run must abort that job before its own. So
+    # that this is tested whatever the machine's speed, the job is slowed to 1 MiB/s before the kill.
+    assert _throttle_backup_job(qemu_uri, vm), "the backup job was already over: nothing to interrupt"
+    before = virsh(qemu_uri, "qemu-monitor-command", vm, '{"execute": "query-block-jobs"}')
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
-
-    # QEMU goes on copying for the killed run, and the next run must abort that job before its own. So
-    # that this is tested whatever the machine's speed, the orphaned job is slowed to 1 MiB/s.
-    assert _throttle_backup_job(qemu_uri, vm), "the killed run's backup job was already over: nothing to abort"
+    after = virsh(qemu_uri, "qemu-monitor-command", vm, '{"execute": "query-block-jobs"}')
+    assert "Unbounded" in virsh(qemu_uri, "domjobinfo", vm), (before, after)
     listed = _backups(prefix, policy)
     assert listed and not any(b["good"] for b in listed), listed
     plan = cli("plan", str(m))

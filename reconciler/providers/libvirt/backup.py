@@ -320,10 +320,36 @@ def _manifest(conn, v: dict) -> dict | None:
     return m if isinstance(m, dict) else None
 
 
-def read_backups(p, conn) -> list[rules.Backup]:
-    """Every backup in every pool, good or not, from the volumes the bulk read listed."""
+def _backup_volumes(conn) -> dict[str, dict]:
+    """The volumes whose names are backups', in every active pool: one listing per pool (names come
+    with it), then one XMLDesc per backup volume only."""
+    out: dict[str, dict] = {}
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        try:
+            vols = pool.listAllVolumes(0)
+            pool_name = pool.name()
+        except libvirt.libvirtError as e:
+            if _code(e) in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_OPERATION_INVALID):
+                continue   # deleted or stopped since the list
+            raise
+        for vol in vols:
+            if vol.name() in out or rules.parse_volume_name(vol.name()) is None:
+                continue
+            try:
+                v = domxml.parse_volume(vol.XMLDesc(0))
+            except libvirt.libvirtError as e:
+                if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    continue
+                raise
+            v["pool"] = pool_name
+            out[v["name"]] = v
+    return out
+
+
+def read_backups(p, conn, volumes: dict | None = None) -> list[rules.Backup]:
+    """Every backup in every pool, good or not."""
     groups: dict[tuple, dict] = {}
-    for name, v in getattr(p, "volumes", {}).items():
+    for name, v in (_backup_volumes(conn) if volumes is None else volumes).items():
         parts = rules.parse_volume_name(name)
         if parts is None:
             continue
@@ -354,14 +380,15 @@ def read_backups(p, conn) -> list[rules.Backup]:
 
 @reads("BackupPolicy")
 def read_policies(p, conn) -> Snapshot:
+    volumes = _backup_volumes(conn)
     by_policy: dict[str, list] = {}
-    for b in read_backups(p, conn):
+    for b in read_backups(p, conn, volumes):
         by_policy.setdefault(b.policy, []).append(b)
     objects = {ResourceId("BackupPolicy", pol): Live(ResourceId("BackupPolicy", pol), {}, managed=True,
                                                      facts={"backups": tuple(bs)})
                for pol, bs in by_policy.items()}
     # Backup volumes are read as Disks by the bulk read; marked, they are never listed as orphaned disks.
-    for name, v in getattr(p, "volumes", {}).items():
+    for name, v in volumes.items():
         if rules.parse_volume_name(name) is not None:
             rid = ResourceId("Disk", name)
             objects[rid] = Live(rid, {"pool": v.get("pool"), "capacity": v.get("capacity"), "format": v.get("format"),
@@ -562,8 +589,8 @@ def prune_backups(p, a: Action, o: Options) -> str:
 # --------------------------------------------------------------------------- listing
 
 def backup_ages(p, now: float | None = None) -> dict[str, float]:
-    """Seconds since each VM's newest good backup on the host, for `status` and metrics; `p` is a
-    LibvirtProvider whose read() has run (its volume list is reused: one manifest download per backup)."""
+    """Seconds since each VM's newest good backup on the host, for `status` and metrics (`p`: a
+    LibvirtProvider; one listing per pool, one manifest download per backup)."""
     by_policy: dict[str, list] = {}
     for b in read_backups(p, p.conn):
         by_policy.setdefault(b.policy, []).append(b)
@@ -577,14 +604,14 @@ def list_backups(uri: str, policy: str | None = None) -> list[dict[str, Any]]:
     from .provider import LibvirtProvider
     p = LibvirtProvider(uri)
     try:
-        p.read(frozenset())
+        volumes = _backup_volumes(p.conn)
         out = []
-        for b in read_backups(p, p.conn):
+        for b in read_backups(p, p.conn, volumes):
             if policy is not None and b.policy != policy:
                 continue
             size = 0
             for name in b.volumes:
-                v = p.volumes.get(name)
+                v = volumes.get(name)
                 if v is None:
                     continue
                 try:
