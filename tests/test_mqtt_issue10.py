@@ -170,6 +170,18 @@ def test_password_changed_by_hand_is_found_over_mqtts(tmp_path):
         device = login(b.port, "tls-dev-3", pws[3])
         assert device.connected
         device.close()
+        # One connection read twice (watch keeps its provider): the second round's logins resume the
+        # first round's TLS session in the same context.
+        from reconciler.manifests import load
+        from reconciler.providers.mosquitto import MosquittoProvider
+        p = MosquittoProvider(f"mqtts://localhost:{tls_port}", "admin", b.password, str(certs / "ca.crt"))
+        try:
+            for _ in range(2):
+                snap = p.read(frozenset({"MqttClient"}), load([str(path)]))
+                assert sorted(l.facts.get("login") for rid, l in snap.objects.items()
+                              if rid.name.startswith("tls-dev-")) == ["accepted"] * 5
+        finally:
+            p.close()
         m.assert_no_secret_leaked()
     finally:
         b.stop()

@@ -83,6 +83,7 @@ class Connection:
         # device's user would then take over the device's session. None: not known.
         self.ids_are_usernames: bool | None = None
         self._tls_session = None
+        self._probe_ctx: ssl.SSLContext | None = None
         # Names this session's sentinel topic and correlation data, whatever client id it gets.
         self._token = f"reconciler-{uuid.uuid4().hex[:12]}"
         self._cond = threading.Condition()
@@ -454,10 +455,13 @@ class Connection:
             return {}
         ctx = None
         if self.scheme == "mqtts":
-            try:
-                ctx = ssl.create_default_context(cafile=self.cafile)
-            except (OSError, ssl.SSLError) as e:
-                raise TargetError(f"cannot use CA file {self.cafile}: {getattr(e, 'strerror', None) or e}") from None
+            # One context for every probe of this connection: a TLS session resumes only in its own.
+            if self._probe_ctx is None:
+                try:
+                    self._probe_ctx = ssl.create_default_context(cafile=self.cafile)
+                except (OSError, ssl.SSLError) as e:
+                    raise TargetError(f"cannot use CA file {self.cafile}: {getattr(e, 'strerror', None) or e}") from None
+            ctx = self._probe_ctx
         with ThreadPoolExecutor(min(PROBE_WORKERS, len(logins)), thread_name_prefix="mqtt-probe") as pool:
             codes = list(pool.map(lambda up: self._probe(ctx, *up), logins))
         return {u: c for (u, _), c in zip(logins, codes)}
@@ -486,7 +490,8 @@ class Connection:
                 raise TargetError(f"broker {self.url} answered a login of {username!r} with something "
                                   "other than CONNACK")
             code = body[1]
-            if ctx is not None and self._tls_session is None:
+            if ctx is not None and self._tls_session is None and sock.session is not None \
+                    and sock.session.has_ticket:
                 self._tls_session = sock.session
             if code == 0:
                 sock.sendall(b"\xe0\x00")        # DISCONNECT, normal: no will, nothing kept
