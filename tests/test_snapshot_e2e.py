@@ -92,6 +92,13 @@ def test_running_vm_memory_false_restore_boots_from_the_disks(site, tmp_path, qe
     export = cli("plan", str(m))
     assert export.code == 0, export.out
 
+    # A second roll-back while it runs: stopped first (this guest has no OS to obey the ACPI
+    # shutdown, so it is forced off after --shutdown-timeout, and the line says so), then booted again.
+    docs.append(doc("Restore", f"{prefix}rollback-2", {"vm": vm, "snapshot": snap}))
+    first = apply_twice(write(m, *docs))
+    assert "stopped it (forced off: the guest did not shut down within 1s)" in first.out, first.out
+    assert virsh(qemu_uri, "domstate", vm).strip() == "running"
+
 
 def test_vanished_snapshot_is_reported_and_a_vm_with_snapshots_is_not_deleted(site, tmp_path, qemu_uri):
     prefix, base = site

@@ -244,8 +244,8 @@ def _restore(p, a: Action, o: Options) -> str:
     want = res.get("state") or ("running" if dom.isActive() else "shutoff")
     notes = []
     if dom.isActive():
-        p._shutdown(dom, o.shutdown_timeout)
-        notes.append("stopped it")
+        forced = p._shutdown(dom, o.shutdown_timeout)
+        notes.append(f"stopped it ({forced})" if forced else "stopped it")
     if res.get("snapshot"):
         snap = dom.snapshotLookupByName(res["snapshot"], 0)
         info = parse_snapshot(snap.getXMLDesc(0))
@@ -288,8 +288,8 @@ def _restore(p, a: Action, o: Options) -> str:
     with _RECORDS_LOCK:
         # Recorded in the same define that puts the declared definition back: it never runs twice.
         p.conn.defineXML(domxml.with_records(saved, rec))
-    p._set_state(dom, want, o)
-    notes.append(f"now {want}")
+    state_note = p._set_state(dom, want, o)
+    notes.append(f"now {want}" + (f" ({state_note})" if isinstance(state_note, str) and state_note else ""))
     return "; ".join(notes)
 
 
