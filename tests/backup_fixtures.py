@@ -40,7 +40,10 @@ def site(prefix, qemu_uri):
                 if pool.isActive():
                     pool.refresh(0)
                     for vol in pool.listAllVolumes(0):
-                        vol.delete(0)
+                        try:
+                            vol.delete(0)
+                        except libvirt.libvirtError:
+                            pass   # the folder goes below anyway
                     pool.destroy()
                 pool.undefine()
             except libvirt.libvirtError:
