@@ -25,14 +25,16 @@ def site(prefix, qemu_uri):
         for dom in conn.listAllDomains(0):
             if not dom.name().startswith(prefix):
                 continue
-            try:
-                if dom.isActive():
-                    dom.destroy()
-                for s in dom.listAllSnapshots(0):
-                    s.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-            except libvirt.libvirtError:
-                pass
+            # Each step on its own: one that fails (the VM already stopped) must not leave it defined.
+            for step in (lambda: dom.isActive() and dom.destroy(),
+                         lambda: [s.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+                                  for s in dom.listAllSnapshots(0)],
+                         lambda: dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                                   | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)):
+                try:
+                    step()
+                except libvirt.libvirtError:
+                    pass
         for pool in conn.listAllStoragePools(0):
             if not pool.name().startswith(prefix):
                 continue
