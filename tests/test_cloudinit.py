@@ -121,7 +121,8 @@ def test_seed_volume_on_a_real_host(qemu_uri, prefix, pool_dir, tmp_path):
         return write(tmp_path / "m" / "vm.yaml", doc("StoragePool", pool, {"path": pool_dir}),
                      _vm(f"{prefix}vm", ci, pool))
 
-    env = {"RECONCILER_LIBVIRT_URI": qemu_uri}
+    # A scope of its own: no other test's --prune in the shared "tests" scope can take its VM.
+    env = {"RECONCILER_LIBVIRT_URI": qemu_uri, "RECONCILER_SCOPE": prefix.rstrip("-")}
     path = manifests("gw-1")
     outputs = []
 

@@ -100,7 +100,8 @@ def test_gateway_boots_and_its_data_arrives(prefix, pool_dir, guest_files, mq, t
     pw_file = tmp_path / "gw.password"
     pw_file.write_text(gw_pw + "\n")
     pw_file.chmod(0o600)
-    env = {"GUEST_READER_PW": reader_pw}
+    # A scope of its own: another test's `apply --prune` in the shared "tests" scope must not take the VM.
+    env = {"GUEST_READER_PW": reader_pw, "RECONCILER_SCOPE": p.rstrip("-")}
     token1 = f"{p}boot-1"
     path = write(tmp_path / "site" / "edge.yaml", *_manifests(p, pool_dir, kernel, initrd, pw_file, mq.port, token1))
 

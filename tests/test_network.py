@@ -71,7 +71,8 @@ def test_network_lifecycle_on_a_real_host(qemu_uri, netprefix, pool_dir, tmp_pat
     p = netprefix
     net, vm, bridge = f"{p}lan", f"{p}vm", f"{p[:10]}br"
     sub = _subnet()
-    env = {"RECONCILER_LIBVIRT_URI": qemu_uri}
+    # A scope of its own: no other test's --prune in the shared "tests" scope can take its VM.
+    env = {"RECONCILER_LIBVIRT_URI": qemu_uri, "RECONCILER_SCOPE": p.rstrip("-")}
 
     def manifests(net_spec: dict, vm_state: str = "running", with_vm: bool = True) -> Path:
         docs = [doc("StoragePool", f"{p}pool", {"path": pool_dir}),
