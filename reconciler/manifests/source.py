@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import ManifestError
+from . import cache as _cache
 
 MAX_FILE_BYTES = 8 * 1024 * 1024       # a manifest file larger than this is refused
 MAX_NODES = 200_000                    # YAML nodes per file once aliases are expanded
@@ -198,7 +199,12 @@ class YamlSource:
         if text is None:
             text = read_text(file)
         nodes = _FileNodes(file, text, self)
-        fast = self._fast(text)
+        # The parse of a file whose text (and parser) we saw before (cache.py); build checks it all again.
+        fast = _cache.load(text)
+        if fast is None:
+            fast = self._fast(text)
+            if fast is not None:
+                _cache.store(text, fast)
         if fast is not None:
             safe = "\\" not in text and not NOT_IN_XML.search(text)
             return [Document(data, file, line, nodes, i, safe) for i, (data, line) in enumerate(fast)]
