@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from ..model import Action, FieldChange, Live, Resource, ResourceId
+from ..model import Action, FieldChange, Live, Resource
 from .context import PlanContext
 
 # libvirt's own, created by the libvirt-daemon-config-network package: never touched unless declared.
