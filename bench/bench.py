@@ -504,6 +504,8 @@ class Bench:
             lrow("imports (core + providers)", lv["import_core_s"] + lv["import_providers_s"])
             lrow(f"YAML parse ({lv['documents']} documents)", lv["yaml_s"], "with Python's default GC thresholds:",
                  lv["yaml_default_gc_s"])
+            if "yaml_cached_s" in lv:
+                lrow("  the same from the parse cache", lv["yaml_cached_s"], "(kept: a plan's second run reads it)")
             lrow("JSON Schema check (jsonschema-rs)", lv["schema_rs_s"], "with jsonschema (kept for error messages):",
                  lv["schema_py_s"])
             lrow("kind rules, normalising, references", lv["build_s"] - lv["schema_rs_s"])
