@@ -46,7 +46,10 @@ options:
     choices: [applied, planned]
     default: applied
   prune:
-    description: Delete managed objects of this O(scope) that no manifest declares.
+    description:
+      - Delete managed objects of this O(scope) that no manifest declares.
+      - The reconciler requires an explicit scope for it (O(scope), C(RECONCILER_SCOPE) in the task's
+        environment, or C(scope) in C(.reconciler.yaml) at the manifests' root), and fails the task otherwise.
     type: bool
     default: false
   force:
@@ -54,7 +57,9 @@ options:
     type: bool
     default: false
   allow_restart:
-    description: Restart VMs whose changes need it. Without it such a change is skipped with a warning.
+    description:
+      - Restart VMs whose changes need it. Without it such a change is skipped with a warning.
+      - Also passed in check mode, so the plan shows what apply would do.
     type: bool
     default: false
   allow_replace:
