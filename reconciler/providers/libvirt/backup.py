@@ -413,7 +413,8 @@ def _delete_volume(pool: libvirt.virStoragePool, name: str, wait: float = 0.0) -
         except libvirt.libvirtError as e:
             if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return False
-            if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID or time.monotonic() > deadline:
+            building = _code(e) == libvirt.VIR_ERR_OPERATION_INVALID and "being allocated" in (e.get_error_message() or "")
+            if not building or time.monotonic() > deadline:
                 raise
         time.sleep(POLL)
 
