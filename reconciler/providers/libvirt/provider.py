@@ -582,6 +582,12 @@ class LibvirtProvider:
         dom = self._lookup(a.id.name)
         if dom is None:
             return "already gone"
+        snapshots = dom.listAllSnapshots(0)
+        if snapshots:
+            # The plan refuses this for a VM declared absent; a --prune delete is planned without its
+            # manifest, so the same rule is kept here: undefining would orphan the snapshots' data.
+            raise ApplyError(f"VM {a.id.name} still has snapshot(s) {', '.join(sorted(s.getName() for s in snapshots))}: "
+                             f"declare them (kind Snapshot) with state: absent to delete them first")
         if dom.isActive():
             dom.destroy()
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
