@@ -164,3 +164,19 @@ def test_memory_true_restore_resumes_the_running_vm_from_its_ram(site, tmp_path,
     assert "RAM included" in first.out and "now running" in first.out, first.out
     assert virsh(qemu_uri, "domstate", "--reason", vm).strip() == "running (from snapshot)"
     assert has_pattern(disk, 0xAB, running=True)
+
+
+def test_prune_does_not_delete_a_vm_that_has_snapshots(site, tmp_path, qemu_uri):
+    prefix, base = site
+    vm = f"{prefix}vm"
+    scope = prefix.rstrip("-")     # a scope of its own: this prune must never reach other tests' objects
+    m = tmp_path / "site.yaml"
+    docs = base_docs(prefix, base) + [doc("Snapshot", f"{prefix}s", {"vm": vm})]
+    apply_twice(write(m, *docs), "--scope", scope)
+    # The VM and its Snapshot leave the manifests: --prune would delete the VM, but it has a snapshot.
+    write(m, *docs[:3])
+    pruned = cli("apply", str(m), "--prune", "--scope", scope)
+    assert pruned.code == 1, pruned.out + pruned.err
+    assert f"VM {vm} still has snapshot(s) {prefix}s" in pruned.out, pruned.out
+    assert vm in virsh(qemu_uri, "list", "--all", "--name")
+    assert f"{prefix}s" in virsh(qemu_uri, "snapshot-list", vm, "--name")
