@@ -45,16 +45,10 @@ def upload_bytes(conn: libvirt.virConnect, vol: libvirt.virStorageVol, data: byt
 # --------------------------------------------------------------------------- cloud-init seed
 
 def seed_pool(p: "LibvirtProvider", spec: dict) -> str:
-    """cloudInit.pool, else the pool of the VM's first disk that is a declared Disk."""
-    ci = spec["cloudInit"]
-    if ci.get("pool"):
-        return ci["pool"]
-    for d in spec.get("disks", []):
-        if "disk" in d:
-            v = p.volumes.get(d["disk"])
-            if v is not None:
-                return v["pool"]
-            break
+    """cloudInit.pool; the planner filled in the pool of the VM's first declared disk when it is not given."""
+    pool = spec["cloudInit"].get("pool")
+    if pool:
+        return pool
     raise ApplyError("cloudInit needs a pool for its seed: give cloudInit.pool")
 
 
