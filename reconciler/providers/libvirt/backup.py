@@ -86,11 +86,17 @@ def parse_snapshot(xml: str) -> dict:
             "disks": [d.get("name") for d in root.findall("disks/disk") if d.get("snapshot") not in ("no",)]}
 
 
+def vm_records(core: Snapshot) -> dict[str, dict]:
+    """Each VM's records (snapshots taken, restores run) as the core read found them on the domain."""
+    return {rid.name: live.facts["records"] for rid, live in core.objects.items()
+            if rid.kind == "VirtualMachine" and live.facts.get("records")}
+
+
 @reads("Snapshot")
-def read_snapshots(p, conn) -> Snapshot:
+def read_snapshots(p, conn, core: Snapshot) -> Snapshot:
     """Every snapshot of every domain that has one (one bulk list), and every snapshot a VM's records
     say we took that is no longer there (read as vanished)."""
-    records = getattr(p, "domain_records", {})
+    records = vm_records(core)
     objects: dict[ResourceId, Live] = {}
     seen: set = set()
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_HAS_SNAPSHOT):
@@ -205,9 +211,9 @@ def delete_snapshot(p, a: Action, o: Options) -> str:
 # --------------------------------------------------------------------------- restores
 
 @reads("Restore")
-def read_restores(p, conn) -> Snapshot:
+def read_restores(p, conn, core: Snapshot) -> Snapshot:
     objects: dict[ResourceId, Live] = {}
-    for vm, rec in getattr(p, "domain_records", {}).items():
+    for vm, rec in vm_records(core).items():
         for name, r in rec.get("restores", {}).items():
             rid = ResourceId("Restore", name)
             objects[rid] = Live(rid, {"vm": vm}, managed=True,
@@ -379,7 +385,7 @@ def read_backups(p, conn, volumes: dict | None = None) -> list[rules.Backup]:
 
 
 @reads("BackupPolicy")
-def read_policies(p, conn) -> Snapshot:
+def read_policies(p, conn, core: Snapshot) -> Snapshot:
     volumes = _backup_volumes(conn)
     by_policy: dict[str, list] = {}
     for b in read_backups(p, conn, volumes):

@@ -6,7 +6,10 @@ A kind's libvirt code lives in its own module under providers/libvirt/ and regis
     def create_network(p: LibvirtProvider, a: Action, o: Options) -> str: ...
 
     @reads("Network")
-    def read_networks(p: LibvirtProvider, conn) -> Snapshot: ...
+    def read_networks(p: LibvirtProvider, conn, core: Snapshot) -> Snapshot: ...
+
+Readers get the core read (pools, volumes, domains with their facts) rather than anything kept on
+the provider.
 
 Handlers get everything they need from the Action (the planner put it there) and the provider's
 connection; they keep nothing between calls, so the applier may run them on several threads."""

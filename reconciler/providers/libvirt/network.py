@@ -112,7 +112,7 @@ def _xml(el: ET.Element) -> str:
 # --------------------------------------------------------------------------- reading
 
 @reads("Network")
-def read_networks(p: "LibvirtProvider", conn: libvirt.virConnect) -> Snapshot:
+def read_networks(p: "LibvirtProvider", conn: libvirt.virConnect, core: Snapshot) -> Snapshot:
     objects: dict[ResourceId, Live] = {}
     for net in conn.listAllNetworks(0):
         try:

@@ -66,7 +66,6 @@ class LibvirtProvider:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         # Filled by read(), kept current by apply(): what apply needs to resolve names.
-        self.volumes: dict[str, dict] = {}      # disk name -> parsed volume + pool
         # Folders the declared objects make QEMU reach (consider()); read() checks QEMU can.
         self._folders: set[str] = set()
 
@@ -128,8 +127,9 @@ class LibvirtProvider:
                 new = {n for n in sources if ResourceId("Disk", n) not in snap.objects}
                 snap = snap.merged(Snapshot({}, {IMAGES_FACT: images.read_image_facts(sources, new)}))
             # Kinds with a reader of their own (providers/libvirt/handlers.py) are read beside the core three.
+            core = snap
             for kind in sorted(kinds & READERS.keys()):
-                snap = snap.merged(READERS[kind](self, self.conn))
+                snap = snap.merged(READERS[kind](self, self.conn, core))
             return snap
         except libvirt.libvirtError as e:
             raise TargetError(f"reading libvirt at {self.uri} failed: {_msg(e)}") from None
@@ -138,7 +138,6 @@ class LibvirtProvider:
         conn = self.conn
         objects: dict[ResourceId, Live] = {}
         pools: dict[str, str] = {}
-        self.volumes = {}
         path_to_disk: dict[str, str] = {}
         flags = (0, libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING, libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED,
                  libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
@@ -213,21 +212,19 @@ class LibvirtProvider:
                     rid = ResourceId("Disk", v["name"])
                     if rid in objects:
                         continue  # the same volume name in two pools: the first pool (by listing) wins
-                    self.volumes[v["name"]] = v
                     path_to_disk[v["path"]] = v["name"]
                     objects[rid] = Live(rid, {"pool": info["name"], "capacity": v["capacity"], "format": v["format"],
                                               "backingStore": v["backingStore"], "state": "present"},
                                         facts={"path": v["path"]})
             described = [d for d in (j.result() for j in dom_jobs) if d is not None]
 
-        self.domain_records: dict[str, dict] = {}   # domain -> snapshots taken and restores run
         for name, parsed, live_spec in described:
             state = "running" if name in running else "paused" if name in paused else "shutoff"
             facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"]}
             if live_spec is not None:
                 facts["running_spec"] = live_spec
             if any(parsed.get("records", {}).values()):
-                self.domain_records[name] = parsed["records"]   # read by providers/libvirt/backup.py
+                facts["records"] = parsed["records"]   # snapshots taken and restores run (providers/libvirt/backup.py)
             for d in parsed["spec"]["disks"]:
                 if d["path"] and d["path"] in path_to_disk:
                     d["disk"] = path_to_disk[d["path"]]
