@@ -66,8 +66,6 @@ class LibvirtProvider:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         # Filled by read(), kept current by apply(): what apply needs to resolve names.
-        # Folders the declared objects make QEMU reach (consider()); read() checks QEMU can.
-        self._folders: set[str] = set()
 
     def target(self) -> str:
         return f"libvirt:{self.uri}"
