@@ -64,8 +64,7 @@ class LibvirtProvider:
     def __init__(self, uri: str):
         self.uri = uri
         self._conn: libvirt.virConnect | None = None
-        self._lock = threading.Lock()
-        # Filled by read(), kept current by apply(): what apply needs to resolve names.
+        # Nothing else: every action carries what it needs, so independent actions may run at once.
 
     def target(self) -> str:
         return f"libvirt:{self.uri}"
