@@ -16,7 +16,8 @@ SIGTERM or SIGINT.
   that round or within SETTLE after it, is its echo and is dropped (a dynamic-security event has no
   object: it is dropped in the same window when the round changed anything on the broker). Should
   event-started rounds still keep changing things (a rule that never converges), after LOOP_LIMIT
-  such rounds in a row the next one waits with exponential backoff: the watch never spins.
+  such rounds in a row, each started by an event within LOOP_GAP of the last round's end, the next
+  one waits with exponential backoff: the watch never spins.
 - A lost events connection is re-opened with backoff by its source, which then asks for a full round.
 - A round whose target is down (unreachable, refused login, lock held too long) is logged on stderr
   and retried with exponential backoff: interval, 2x, 4x ... capped at max(interval, 5 min). With an
@@ -58,6 +59,9 @@ DEBOUNCE_UNDECLARED = 1.0
 # deliver them asynchronously).
 SETTLE = 1.0
 LOOP_LIMIT = 5
+# Only rounds whose triggering event came within this long after the last round ended count towards
+# LOOP_LIMIT: drift made by hand now and then is corrected every time, at once.
+LOOP_GAP = 2.0
 # How long the first round waits for the event sources to listen.
 CONNECT_WAIT = 3.0
 MQTT_KINDS_DYNSEC = ("MqttRole", "MqttGroup", "MqttClient", "MqttDefaults")
@@ -360,7 +364,7 @@ def _loop(cfg: RunConfig, stop: threading.Event, signalled: list, rounds, waker:
     relevance = _Relevance(cfg.options.prune)
     n = 0
     why = ""
-    busy = 0          # event-started rounds in a row that changed something
+    busy = 0          # event rounds in a row that changed something, each started by an event soon after the last
     while True:
         n += 1
         if cfg.output.format == "text" and not cfg.output.quiet:
@@ -412,6 +416,8 @@ def _loop(cfg: RunConfig, stop: threading.Event, signalled: list, rounds, waker:
                     _say(f"event from {ev.target}: {ev.label()} ({'kept' if keep else 'ignored'})")
                 if not keep:
                     continue
+                if not gathered and ev.at - ended > LOOP_GAP:
+                    busy = 0      # a change that came well after our last round is not its consequence
                 if not gathered and busy >= LOOP_LIMIT:
                     hold = min(backoff(1.0, busy - LOOP_LIMIT + 1), max(cfg.interval, 1.0))
                     _say(f"events keep bringing changes ({busy} event rounds in a row changed something); "

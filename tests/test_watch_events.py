@@ -63,16 +63,18 @@ class Watch:
         raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{self.text}")
 
     def settled(self, quiet: float = 2.5, timeout: float = 60.0) -> None:
-        """Wait until no round started for `quiet` seconds and the last one finished."""
+        """Wait until the last round finished and no line but ignored events (other sessions' objects
+        on the shared libvirtd) came for `quiet` seconds."""
         deadline = time.monotonic() + timeout
-        last, since = len(self.lines), time.monotonic()
+        def mine():
+            return [l for l in self.lines if not l.endswith("(ignored)")]
+        last, since = len(mine()), time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            if len(self.lines) != last:
-                last, since = len(self.lines), time.monotonic()
-            elif time.monotonic() - since >= quiet and re.search(r"round \d+ took", self.text.splitlines()[-1] if self.lines else ""):
-                return
-            elif time.monotonic() - since >= quiet * 2:
+            m = mine()
+            if len(m) != last:
+                last, since = len(m), time.monotonic()
+            elif time.monotonic() - since >= quiet and (not m or re.search(r"round \d+ took|watching", m[-1])):
                 return
         raise AssertionError(f"watch never settled:\n{self.text}")
 
@@ -153,6 +155,34 @@ def test_vm_drift_by_hand_is_corrected_at_once_and_own_changes_start_no_rounds(t
     assert w.p.returncode == 0, w.text
     assert "Traceback" not in w.text
     apply_twice(m, "--libvirt-uri", test_unix_uri)
+
+
+@pytest.mark.libvirt
+def test_two_watches_that_disagree_do_not_spin(test_unix_uri, prefix, tmp_path):
+    """Two repositories declaring one VM running and paused: each watch's correction is the other's
+    drift. After LOOP_LIMIT quick event rounds in a row each backs off (1 s, 2 s, 4 s ...) instead of
+    fighting as fast as events come."""
+    from reconciler.watch import LOOP_LIMIT
+    name = f"{prefix}vm"
+    spec = {"hypervisor": "test", "memory": "64MiB", "vcpus": 1}
+    write(tmp_path / "a" / "vm.yaml", doc("VirtualMachine", name, dict(spec, state="running")))
+    write(tmp_path / "b" / "vm.yaml", doc("VirtualMachine", name, dict(spec, state="paused")))
+    a = Watch(str(tmp_path / "a"), "--libvirt-uri", test_unix_uri, lock_dir=tmp_path / "locks")
+    a.wait_line(r"round 1 took")
+    b = Watch(str(tmp_path / "b"), "--libvirt-uri", test_unix_uri, lock_dir=tmp_path / "locks")
+    try:
+        b.wait_line(r"round 1 took")
+        start = time.monotonic()
+        time.sleep(15)
+        rounds = len(a.rounds()) + len(b.rounds())
+        took = time.monotonic() - start
+    finally:
+        a.stop()
+        b.stop()
+    assert "events keep bringing changes" in a.text + b.text, a.text + b.text
+    # Unchecked, each correction would start the other's round at once: dozens per second-pair.
+    # With the backoff, each side runs LOOP_LIMIT quick rounds, then 1+2+4+8 s apart.
+    assert rounds <= 2 * (LOOP_LIMIT + 6), f"{rounds} rounds in {took:.0f}s:\n" + a.text + b.text
 
 
 @pytest.mark.libvirt
