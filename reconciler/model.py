@@ -109,14 +109,34 @@ class Result:
 
 
 @dataclass(frozen=True)
+class HostFacts:
+    """What providers read about the host itself rather than about one object, which the kinds consult."""
+    # {arch: {alias: canonical}} from the host's capabilities ("pc" -> "pc-i440fx-7.2").
+    machine_aliases: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # kinds.libvirt.HypervisorAccess of a local qemu:///system: folders QEMU's user cannot reach.
+    hypervisor_access: Any = None
+    # Source images of disks still to be created, by path: {sha256, format, virtual_size} or {error}.
+    images: Mapping[str, Any] = field(default_factory=dict)
+    # The clock of the read (Unix time), for schedules such as a BackupPolicy's `every`.
+    now: float | None = None
+
+    def merged(self, other: "HostFacts") -> "HostFacts":
+        """These facts with what `other` read added (a fact another provider left empty stays)."""
+        return HostFacts(
+            machine_aliases={**self.machine_aliases, **other.machine_aliases},
+            hypervisor_access=other.hypervisor_access if other.hypervisor_access is not None else self.hypervisor_access,
+            images={**self.images, **other.images},
+            now=other.now if other.now is not None else self.now)
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """Everything a provider read, keyed by id, plus context the planner may consult
-    (pools that exist on the host, canonical machine names)."""
+    """Everything the providers read: the live objects by id, and the host's own facts."""
     objects: Mapping[ResourceId, Live] = field(default_factory=dict)
-    context: Mapping[str, Any] = field(default_factory=dict)
+    host: HostFacts = field(default_factory=HostFacts)
 
     def merged(self, other: "Snapshot") -> "Snapshot":
-        return Snapshot({**self.objects, **other.objects}, {**self.context, **other.context})
+        return Snapshot({**self.objects, **other.objects}, self.host.merged(other.host))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def _order(a: Action) -> tuple:
 
 def plan(desired: list[Resource], snapshot: Snapshot, options: Options = Options()) -> Plan:
     by_id = {r.id: r for r in desired}
-    ctx = PlanContext(by_id, dict(snapshot.objects), dict(snapshot.context), options)
+    ctx = PlanContext(by_id, dict(snapshot.objects), snapshot.host, options)
     actions: list[Action] = []
     for r in desired:
         actions += KIND_RULES[r.id.kind].classify(r, snapshot.objects.get(r.id), ctx)

@@ -8,7 +8,7 @@ import pytest
 
 from reconciler import planner
 from reconciler.kinds import backup as rules
-from reconciler.model import Live, Options, Resource, ResourceId, Snapshot
+from reconciler.model import HostFacts, Live, Options, Resource, ResourceId, Snapshot
 
 
 def T(text: str) -> float:
@@ -82,7 +82,7 @@ def _snapshot(backups: list[float], now: float) -> Snapshot:
             ResourceId("StoragePool", "backups"): Live(ResourceId("StoragePool", "backups"), {"path": "/b"}),
             ResourceId("BackupPolicy", "gw-nightly"): Live(ResourceId("BackupPolicy", "gw-nightly"), {},
                                                            managed=True, facts={"backups": bs})}
-    return Snapshot(objs, {"now": now})
+    return Snapshot(objs, HostFacts(now=now))
 
 
 def _run(backups: list[float], now: float, keep: dict, every: str, fail: bool = False) -> list[float]:
@@ -137,7 +137,7 @@ def test_a_backup_that_is_not_good_is_never_the_newest_and_is_removed():
     live = snap.objects[ResourceId("BackupPolicy", "gw-nightly")]
     objs = dict(snap.objects)
     objs[live.id] = Live(live.id, {}, managed=True, facts={"backups": live.facts["backups"] + (bad,)})
-    plan = planner.plan(_resources({"last": 5}, "1h"), Snapshot(objs, {"now": t0 + 200}), Options())
+    plan = planner.plan(_resources({"last": 5}, "1h"), Snapshot(objs, HostFacts(now=t0 + 200)), Options())
     acts = [(a.verb, a.id.kind) for a in plan.actions]
     # Not due (the good one is 200 s old): only the unfinished one's volumes go.
     assert acts == [("delete", "BackupPolicy")]

@@ -7,7 +7,7 @@ import pytest
 
 from reconciler.kinds import PlanContext
 from reconciler.kinds.libvirt import VirtualMachineRules
-from reconciler.model import Live, Options, Resource, ResourceId
+from reconciler.model import HostFacts, Live, Options, Resource, ResourceId
 from reconciler.providers.libvirt import domxml
 
 DATA = Path(__file__).parent / "data"
@@ -78,7 +78,7 @@ def test_normalisation_table_no_false_drift(declared):
     live = Live(ResourceId("VirtualMachine", "demo-gw-1"), config["spec"], config["labels"], True,
                 {"state": "running", "autostart": False, "running_spec": running["spec"]})
     machine = running["spec"]["machine"]
-    ctx = PlanContext({}, {}, {"machine_aliases": {"x86_64": {"pc": machine}}}, Options())
+    ctx = PlanContext({}, {}, HostFacts(machine_aliases={"x86_64": {"pc": machine}}), Options())
     actions = VirtualMachineRules.classify(_desired(declared, {"role": "gateway", "site": "plant-3"}), live, ctx)
     assert [a.verb for a in actions] == ["noop"], [(a.verb, a.reason) for a in actions]
 

@@ -359,7 +359,7 @@ def test_plan_refuses_a_pool_qemu_cannot_reach_in_process(qemu_uri, prefix, pool
     # test:/// is never checked (its pools are not QEMU's).
     t = LibvirtProvider("test:///default")
     try:
-        assert "hypervisor_access" not in t.read(frozenset(), resources).context
+        assert t.read(frozenset(), resources).host.hypervisor_access is None
     finally:
         t.close()
 

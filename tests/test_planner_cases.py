@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from reconciler import manifests, planner
-from reconciler.model import Live, Options, ResourceId, Snapshot
+from reconciler.model import HostFacts, Live, Options, ResourceId, Snapshot
 from reconciler.units import parse_bytes
 
 CASES = sorted((Path(__file__).parent / "cases").rglob("*.yaml"))
@@ -35,7 +35,7 @@ def load_case(path: Path):
     docs = case.get("desired") or []
     resources = manifests.build(manifests.YamlSource().documents(str(path), yaml.safe_dump_all(docs))) if docs else []
     live = {l.id: l for l in map(_live, case.get("live") or [])}
-    return case, resources, Snapshot(live, case.get("context") or {}), Options(**(case.get("options") or {}))
+    return case, resources, Snapshot(live, HostFacts(**(case.get("host") or {}))), Options(**(case.get("options") or {}))
 
 
 @pytest.mark.parametrize("path", CASES, ids=[str(p.relative_to(p.parent.parent)) for p in CASES])

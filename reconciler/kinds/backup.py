@@ -1,6 +1,6 @@
 """PURE rules of the backup kinds (Snapshot, Restore, BackupPolicy), the retention rule (Proxmox's
 prune-backups), and the names and timestamps backups are kept under. No I/O: the clock comes from
-the snapshot's context ("now"), so every decision here can be tested as data."""
+the snapshot's host facts (`now`), so every decision here can be tested as data."""
 from __future__ import annotations
 
 import re
@@ -373,7 +373,7 @@ class BackupPolicyRules:
         if pool_path(ctx, d["pool"]) is None:
             return [Action("create", r.id, "backup due", desired=r, live=live,
                            refused=f"pool {d['pool']!r} is neither declared nor on the host")]
-        now = ctx.context.get("now")
+        now = ctx.host.now
         newest = good[-1] if good else None
         # Without a clock (a planner case that gives none) only a missing backup is due.
         due = newest is None or (now is not None and now - newest.time >= d["every"])
@@ -514,5 +514,5 @@ class RestoreRules:
 
 
 def now() -> float:
-    """The clock the reader puts into the snapshot's context (tests inject theirs instead)."""
+    """The clock the reader puts into the snapshot's host facts (tests inject theirs instead)."""
     return time.time()

@@ -42,12 +42,11 @@ class HypervisorAccess:
     blocked: Mapping[str, Blocked] = field(default_factory=dict)
 
 
-ACCESS_FACT = "hypervisor_access"
 
 
 def unreachable(ctx: PlanContext, directory: str | None, what: str) -> str | None:
     """The refusal for `what` when QEMU cannot reach `directory`, or None (reachable, or not known)."""
-    access = ctx.context.get(ACCESS_FACT)
+    access = ctx.host.hypervisor_access
     if access is None or not directory:
         return None
     b = access.blocked.get(os.path.normpath(directory))
@@ -152,13 +151,12 @@ class StoragePoolRules:
 
 # --------------------------------------------------------------------------- Disk
 
-IMAGES_FACT = "images"
 
 
 def _source_image(ctx: PlanContext, d: dict) -> tuple[dict | None, str | None]:
     """The facts the provider read of a new disk's source image, and why its creation is refused."""
     src = d["source"]
-    img = ctx.context.get(IMAGES_FACT, {}).get(src["path"])
+    img = ctx.host.images.get(src["path"])
     if img is None:
         return None, f"source image {src['path']} was not read"
     if img.get("error"):
@@ -582,7 +580,7 @@ def _machine_matches(ctx: PlanContext, desired: str | None, arch: str, live: str
     """"pc" matches the versioned "pc-i440fx-7.2" libvirt expands it to."""
     if desired is None or desired == live:
         return True
-    aliases = ctx.context.get("machine_aliases", {}).get(arch, {})
+    aliases = ctx.host.machine_aliases.get(arch, {})
     return aliases.get(desired) == live
 
 

@@ -26,7 +26,7 @@ import libvirt
 
 from ...errors import ApplyError
 from ...kinds import backup as rules
-from ...model import Action, Live, Options, ResourceId, Snapshot
+from ...model import HostFacts, Action, Live, Options, ResourceId, Snapshot
 from . import domxml
 from .handlers import handles, reads
 
@@ -401,7 +401,7 @@ def read_policies(p, conn, core: Snapshot) -> Snapshot:
                                       "backingStore": v.get("backingStore"), "state": "present"},
                                 facts={"path": v.get("path"), "backup": True})
     # The clock the pure rules judge `every` by, read once with the rest of live state.
-    return Snapshot(objects, {"now": rules.now()})
+    return Snapshot(objects, HostFacts(now=rules.now()))
 
 
 def _volume_xml(name: str, capacity: int, fmt: str) -> str:

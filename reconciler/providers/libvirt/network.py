@@ -134,7 +134,7 @@ def read_networks(p: "LibvirtProvider", conn: libvirt.virConnect, core: Snapshot
         rid = ResourceId("Network", name)
         objects[rid] = Live(rid, spec, facts={"active": active, "autostart": autostart, "running_spec": running,
                                               "extra": extra, "uuid": net.UUIDString()})
-    return Snapshot(objects, {})
+    return Snapshot(objects)
 
 
 # --------------------------------------------------------------------------- applying

@@ -11,7 +11,7 @@ from typing import Any
 import libvirt
 
 from ...errors import ApplyError, TargetError
-from ...model import Action, Live, Options, ResourceId, Snapshot
+from ...model import Action, HostFacts, Live, Options, ResourceId, Snapshot
 from . import bootxml, domxml, images
 from .handlers import HANDLERS, READERS
 
@@ -103,12 +103,10 @@ class LibvirtProvider:
 
     # ------------------------------------------------------------------ reading
 
-    def _access(self, pools: dict[str, str], folders: set[str]) -> dict:
-        """The host fact of kinds/libvirt.py's HypervisorAccess, for a local qemu:///system only."""
+    def _access(self, pools: dict[str, str], folders: set[str]):
+        """kinds/libvirt.py's HypervisorAccess for a local qemu:///system only, else None."""
         from .hostaccess import read_access
-        from ...kinds.libvirt import ACCESS_FACT
-        access = read_access(self.uri, folders | {p for p in pools.values() if p})
-        return {ACCESS_FACT: access} if access is not None else {}
+        return read_access(self.uri, folders | {p for p in pools.values() if p})
 
     def read(self, kinds: frozenset[str], desired=()) -> Snapshot:
         """Every live object of `kinds`, and the host facts the kinds consult. `desired` (the declared
@@ -120,9 +118,8 @@ class LibvirtProvider:
         try:
             snap = self._read(folders)
             if sources:
-                from ...kinds.libvirt import IMAGES_FACT
                 new = {n for n in sources if ResourceId("Disk", n) not in snap.objects}
-                snap = snap.merged(Snapshot({}, {IMAGES_FACT: images.read_image_facts(sources, new)}))
+                snap = snap.merged(Snapshot({}, HostFacts(images=images.read_image_facts(sources, new))))
             # Kinds with a reader of their own (providers/libvirt/handlers.py) are read beside the core three.
             core = snap
             for kind in sorted(kinds & READERS.keys()):
@@ -231,7 +228,8 @@ class LibvirtProvider:
                 objects.pop(ResourceId("Disk", path_to_disk[seed["path"]]), None)
             rid = ResourceId("VirtualMachine", name)
             objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts, parsed["scope"])
-        return Snapshot(objects, {"pools": pools, "machine_aliases": self._machine_aliases(), **self._access(pools, set(folders))})
+        return Snapshot(objects, HostFacts(machine_aliases=self._machine_aliases(),
+                                           hypervisor_access=self._access(pools, set(folders))))
 
     def _machine_aliases(self) -> dict:
         """{arch: {alias: canonical}} from the host's capabilities ("pc" -> "pc-i440fx-7.2")."""

@@ -153,11 +153,9 @@ class MosquittoProvider:
                         "roles": _refs(o.get("roles"), "rolename"),
                         "groups": _refs(o.get("groups"), "groupname"),
                         "disabled": bool(o.get("disabled", False))})
-        context: dict[str, Any] = {"mqtt_username": conn.username}
         if defaults:
             access = {a.get("acltype"): bool(a.get("allow")) for a in (responses[-2].get("data") or {}).get("acls", [])}
             anonymous = ((responses[-1].get("data") or {}).get("group") or {}).get("groupname") or ""
-            context["mqtt_anonymous_group"] = anonymous
             gid = ResourceId("MqttGroup", anonymous)
             if gid in objects:
                 objects[gid] = replace(objects[gid], facts={**objects[gid].facts, "anonymous": True})
@@ -175,7 +173,7 @@ class MosquittoProvider:
                 found.update(conn.sweep_topics(missing))
             for m in found.values():
                 objects[ResourceId("Topic", m.topic)] = _topic_live(m)
-        return Snapshot(objects, context)
+        return Snapshot(objects)
 
     def _test_passwords(self, conn: Connection, objects: dict[ResourceId, Live], passwords: dict[str, Any]) -> None:
         """Whether the broker still accepts each declared client's password: a password changed by
