@@ -414,6 +414,7 @@ class TopicRules:
     target = "mqtt"
     prunable = True
     to_manifest = staticmethod(lambda live, ctx: _topic_to_manifest(live, ctx))
+    show = staticmethod(lambda path, value: _show_topic(path, value))
 
     @staticmethod
     def check(name: str, spec: dict):
@@ -646,3 +647,10 @@ def _member_needs(live: Live, ctx) -> list[ResourceId]:
     out = [ResourceId("MqttRole", r["name"]) for r in live.spec.get("roles") or ()]
     out += [ResourceId("MqttGroup", g["name"]) for g in live.spec.get("groups") or ()]
     return out
+
+
+def _show_topic(path: str, value: Any) -> Any:
+    """A retained message as a manifest writes it: its internal `format` (how json: was encoded) left out."""
+    if path == "spec.retained" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "format"}
+    return value
