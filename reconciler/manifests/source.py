@@ -113,10 +113,9 @@ class Document:
     # No character XML cannot hold, and no backslash that could write one: every string is safe.
     xml_safe: bool = False
 
-    def line_of(self, path: tuple) -> int:
-        """The line of the deepest node along `path` that exists (the document's first line at worst)."""
+    def _walk(self, path: tuple) -> tuple[yaml.Node, bool]:
+        """The deepest node along `path` that exists, and whether the whole path exists."""
         node = self._nodes.get(self._index)
-        line = node.start_mark.line + 1
         for part in path:
             if isinstance(node, yaml.MappingNode):
                 nxt = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
@@ -125,24 +124,18 @@ class Document:
             else:
                 nxt = None
             if nxt is None:
-                break
+                return node, False
             node = nxt
-            line = node.start_mark.line + 1
-        return line
+        return node, True
+
+    def line_of(self, path: tuple) -> int:
+        """The line of the deepest node along `path` that exists (the document's first line at worst)."""
+        return self._walk(path)[0].start_mark.line + 1
 
     def text_at(self, path: tuple) -> str | None:
         """The scalar's text as written (before YAML resolved it), for messages such as "quote `no`"."""
-        node = self._nodes.get(self._index)
-        for part in path:
-            if isinstance(node, yaml.MappingNode):
-                node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-                node = node.value[part]
-            else:
-                return None
-            if node is None:
-                return None
-        return node.value if isinstance(node, yaml.ScalarNode) else None
+        node, found = self._walk(path)
+        return node.value if found and isinstance(node, yaml.ScalarNode) else None
 
 
 class _TooDeep(yaml.MarkedYAMLError):
