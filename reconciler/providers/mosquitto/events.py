@@ -109,6 +109,9 @@ class BrokerEvents:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        self._pending: dict[int, list[str]] = {}
+        self._refused_said = False
         self._connack, self._lost = None, False
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
@@ -126,7 +129,7 @@ class BrokerEvents:
                 return f"the broker did not accept the login ({self._connack or 'no CONNACK'})"
             with self._lock:
                 self._subscribed = set()
-            c.subscribe(RESPONSE_TOPIC, options=SubscribeOptions(qos=0))
+            self._pending[c.subscribe(RESPONSE_TOPIC, options=SubscribeOptions(qos=0))[1]] = [RESPONSE_TOPIC]
             self._dirty.set()
             if not first:
                 self.say(f"broker {self.url}: events connection re-established; running a full pass")
@@ -164,7 +167,8 @@ class BrokerEvents:
         # a live retained publish keeps its flag.
         opts = SubscribeOptions(qos=0, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
         for i in range(0, len(add), BATCH):
-            c.subscribe([(t, opts) for t in add[i:i + BATCH]])
+            batch = add[i:i + BATCH]
+            self._pending[c.subscribe([(t, opts) for t in batch])[1]] = batch
         for i in range(0, len(drop), BATCH):
             c.unsubscribe(drop[i:i + BATCH])
 
@@ -172,6 +176,15 @@ class BrokerEvents:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = reason_code
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        topics = self._pending.pop(mid, [])
+        refused = [t for t, rc in zip(topics, reason_codes) if rc.is_failure]
+        if refused and not self._refused_said:
+            self._refused_said = True
+            more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+            self.say(f"broker {self.url} refused the watch's subscription to {refused[0]!r}{more}: changes there "
+                     "wait for the interval's round (the login needs subscribe rights, see README.md, MQTT limits)")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._lost = True
