@@ -105,3 +105,27 @@ def test_failed_and_refused_changes_are_counted():
         assert get(m, "reconciler_failures", kind="Disk") == 1
         assert get(m, "reconciler_changes", kind="MqttRole", action="create") == 1
         assert get(m, "reconciler_drift", kind="MqttRole") == 1
+
+
+def test_backup_age_per_vm_is_in_the_run_metrics():
+    """plan/apply's metrics carry reconciler_backup_age_seconds{vm}: from what the plan read, and 0 for a
+    VM whose backup this run made, so an alert on the age fires when scheduled backups stop."""
+    import os
+    import tempfile
+    import time
+    from reconciler.kinds.backup import Backup
+    from reconciler.model import Action, Live, Plan, Resource, ResourceId, Result
+    from reconciler.outcome import Outcome
+    from reconciler.render.metrics import write_metrics
+    t = time.time()
+    pol, pol2 = ResourceId("BackupPolicy", "gw-nightly"), ResourceId("BackupPolicy", "db-nightly")
+    backups = (Backup("gw", "gw-nightly", "b", "s1", t - 7200, True), Backup("gw", "gw-nightly", "b", "s2", t - 60, False))
+    noop = Action("noop", pol, "fresh enough", live=Live(pol, {}, managed=True, facts={"backups": backups}))
+    made = Action("create", pol2, "due", desired=Resource(pol2, {"vm": "db"}), live=Live(pol2, {}, managed=True))
+    outcome = Outcome(True, Plan((noop, made)), (Result(noop, "ok"), Result(made, "applied")))
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "m.prom")
+        write_metrics(p, [outcome])
+        m = parse(open(p).read())
+    assert 7100 < get(m, "reconciler_backup_age_seconds", vm="gw") < 7400   # the failed newer one does not count
+    assert get(m, "reconciler_backup_age_seconds", vm="db") == 0

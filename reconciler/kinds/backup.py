@@ -216,18 +216,6 @@ def backup_ages_of_run(plan: Any, results: Iterable[Any] | None, now: float) -> 
     return dict(sorted(ages.items()))
 
 
-def age_metrics(ages: dict[str, float], host: str | None = None) -> list[str]:
-    """Prometheus lines for reconciler_backup_age_seconds{vm}."""
-    def esc(v: str) -> str:
-        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    lines = ["# HELP reconciler_backup_age_seconds Seconds since the VM's newest good backup.",
-             "# TYPE reconciler_backup_age_seconds gauge"]
-    for vm, age in ages.items():
-        labels = f'vm="{esc(vm)}"' + (f',host="{esc(host)}"' if host else "")
-        lines.append(f"reconciler_backup_age_seconds{{{labels}}} {age:.0f}")
-    return lines
-
-
 # --------------------------------------------------------------------------- shared helpers
 
 def _noop(r: Resource, live: Live | None, reason: str) -> Action:

@@ -811,6 +811,8 @@ def _pool_to_manifest(p: Live, ctx):
 
 def _disk_to_manifest(d: Live, ctx):
     from .exporting import Doc
+    if d.facts.get("backup"):
+        return None     # a BackupPolicy's backup volume: the policy's, never a declared Disk
     s = d.spec
     if s.get("format") not in ("qcow2", "raw"):
         ctx.notes.append(f"{d.id} skipped: volume format {s.get('format')!r} is not supported (qcow2 or raw)")

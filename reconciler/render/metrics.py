@@ -10,6 +10,8 @@ Series (every kind, and every kind x action, is always present so that alerts se
   reconciler_last_run_timestamp_seconds      when the last run ended
   reconciler_last_run_success                1 when it ended without an error or a failed change
   reconciler_last_success_timestamp_seconds  when a run last succeeded (kept across failed runs)
+  reconciler_backup_age_seconds{vm}          seconds since each VM's newest good backup (VMs of a
+                                             declared BackupPolicy), so an alert fires when backups stop
 Inventory runs write one file for all hosts: every series carries host="...".
 """
 from __future__ import annotations
@@ -65,6 +67,8 @@ def registry_for(outcomes: Iterable[Outcome], last_success: dict[str | None, flo
     success = Gauge("reconciler_last_run_success", "1 if the last run ended without an error or a failed change.",
                     host_label, registry=reg)
     last_ok = Gauge(LAST_SUCCESS, "When a run last succeeded (Unix time).", host_label, registry=reg)
+    backup_age = Gauge("reconciler_backup_age_seconds", "Seconds since the VM's newest good backup.",
+                       ["vm"] + host_label, registry=reg)
     for o in outcomes:
         h = [o.host or ""] if by_host else []
         d = {k: 0 for k in NAMES}
@@ -94,6 +98,10 @@ def registry_for(outcomes: Iterable[Outcome], last_success: dict[str | None, flo
             last_success[key] = round(now, 3)
         if key in last_success:
             _one(last_ok, h).set(last_success[key])
+        if o.plan is not None:
+            from ..kinds.backup import backup_ages_of_run
+            for vm, age in backup_ages_of_run(o.plan, o.results, now).items():
+                backup_age.labels(vm, *h).set(round(age))
     return reg
 
 

@@ -52,7 +52,7 @@ class _Collector:
                                  labels=["vm", "interface"])
         tx = CounterMetricFamily("reconciler_vm_network_transmit_bytes", "Bytes the VM's interface sent.",
                                  labels=["vm", "interface"])
-        # The name and help the backup kinds use for plan/apply's metrics (kinds/backup.py age_metrics).
+        # The same name and help as plan/apply's metrics (render/metrics.py).
         backup = g("reconciler_backup_age_seconds", "Seconds since the VM's newest good backup.", ["vm"])
         managed = g("reconciler_vm_managed", "1 when the VM carries the reconciler's ownership marker.", ["vm"])
         in_sync = g("reconciler_vm_in_sync", "1 when the declared VM matches its manifest (only with manifest paths).",
