@@ -177,6 +177,7 @@ class _Relevance:
         # VM name -> the state the last round left it in: a lifecycle event that contradicts it is
         # a change by hand even inside the echo window (virsh destroy right after our start).
         self.left: dict[str, str] = {}
+        self.ended = 0.0
 
     def learn(self, o: Outcome | None, ended: float) -> None:
         if o is None:
@@ -186,6 +187,7 @@ class _Relevance:
             self.dynsec = any(i.kind in MQTT_KINDS_DYNSEC or i.kind == "Topic" for i in self.declared)
         self.echo = {k: t for k, t in self.echo.items() if t >= ended}
         self.left = {}
+        self.ended = ended
         until = ended + SETTLE
         for r in o.results or ():
             if r.status not in ("applied", "failed"):
@@ -200,7 +202,8 @@ class _Relevance:
                 self.echo_dynsec_until = until
 
     def _contradicts(self, ev: Event) -> bool:
-        state = self.left.get(ev.name or "") if ev.kind == "VirtualMachine" else None
+        # During the round every event about the object is taken as ours (a restart sends "stopped").
+        state = self.left.get(ev.name or "") if ev.kind == "VirtualMachine" and ev.at > self.ended else None
         return state is not None and ev.what in _CONTRADICTS.get(state, ())
 
     def keeps(self, ev: Event) -> bool | str:
@@ -242,8 +245,8 @@ def _touched(action) -> list[tuple]:
 
 
 class _Sources:
-    """The event sources of the targets the manifests use, started after the first round that
-    planned, kept across rounds, stopped at the end."""
+    """The event sources of the targets the manifests use: started before the first round (prime)
+    or when a round first plans a target's kinds (sync), kept across rounds, stopped at the end."""
 
     def __init__(self, cfg: RunConfig, inbox: _Inbox):
         self.cfg, self.inbox = cfg, inbox

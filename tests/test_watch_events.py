@@ -413,6 +413,7 @@ def test_echo_of_own_changes_and_relevance():
     assert rel.keeps(ev(100.0 + SETTLE + 0.1, "VirtualMachine", "a"))     # later: drift by hand
     stopped = Event(100.5, "libvirt", "VirtualMachine", "a", "stopped")
     assert rel.keeps(stopped)                 # inside the window, but we left it running: by hand
+    assert not rel.keeps(Event(99.9, "libvirt", "VirtualMachine", "a", "stopped"))   # during the round: ours
     assert rel.keeps(ev(100.5, "VirtualMachine", "b")) == "declared"      # untouched object
     assert not rel.keeps(ev(100.5, "VirtualMachine", "someone-elses"))    # undeclared, no prune
     dynsec = lambda at: Event(at, "mqtt", None, None, "dynamic security: createRole")  # noqa: E731
