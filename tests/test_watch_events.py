@@ -158,6 +158,30 @@ def test_vm_drift_by_hand_is_corrected_at_once_and_own_changes_start_no_rounds(t
 
 
 @pytest.mark.libvirt
+def test_storage_pool_stopped_by_hand_is_started_again(test_unix_uri, prefix, tmp_path):
+    """A storage pool lifecycle event (virsh pool-destroy) starts a round too."""
+    import libvirt
+    name = f"{prefix}pool"
+    m = write(tmp_path / "repo" / "pool.yaml", doc("StoragePool", name, {"type": "dir", "path": str(tmp_path / "pd")}))
+    w = Watch(str(tmp_path / "repo"), "--libvirt-uri", test_unix_uri, lock_dir=tmp_path / "locks")
+    conn = libvirt.open(test_unix_uri)
+    try:
+        w.wait_line(r"watching libvirt at .* for changes")
+        w.wait_line(r"round 1 took")
+        w.settled()
+        pool = conn.storagePoolLookupByName(name)
+        assert pool.isActive()
+        virsh(test_unix_uri, "pool-destroy", name)
+        wait_for(lambda: pool.isActive() == 1, what="the stopped pool to be started again")
+        assert re.search(rf"round \d+ at .*\(StoragePool/{name} stopped\)", w.text), w.text
+    finally:
+        w.stop()
+        conn.close()
+    assert w.p.returncode == 0 and "Traceback" not in w.text, w.text
+    apply_twice(m, "--libvirt-uri", test_unix_uri)
+
+
+@pytest.mark.libvirt
 def test_two_watches_that_disagree_do_not_spin(test_unix_uri, prefix, tmp_path):
     """Two repositories declaring one VM running and paused: each watch's correction is the other's
     drift. After LOOP_LIMIT quick event rounds in a row each backs off (1 s, 2 s, 4 s ...) instead of
