@@ -470,12 +470,26 @@ class _HostRounds:
                       lock_timeout=self.cfg.lock_timeout, progress=progress, on_result=text.result if text else None)
         show(o, out, text)
         if out.metrics_file:
-            from .render.metrics import write_metrics
-            try:
-                write_metrics(out.metrics_file, [o], last_success=self.last_success)
-            except OSError as e:
-                _say(f"cannot write {out.metrics_file}: {e.strerror}")
+            self._write_metrics(out.metrics_file, o)
         return o
+
+    def _write_metrics(self, path: str, o: Outcome) -> None:
+        """The round's run series, and beside them the VM and broker figures `status` writes (one bulk
+        statistics read, no CPU sample: the counters are there, Prometheus takes the rate)."""
+        from .errors import ReconcilerError
+        from .render.metrics import registry_for, write_registry
+        registries = [registry_for([o], self.last_success, by_host=False)]
+        try:
+            from .render import status_metrics
+            from .status import status
+            report = status([], self.cfg.targets, self.cfg.options, sample_seconds=0)
+            registries.append(status_metrics.registry(report))
+        except ReconcilerError as e:
+            _say(f"VM and broker figures left out of {path} this round: {e}")
+        try:
+            write_registry(path, *registries)
+        except OSError as e:
+            _say(f"cannot write {path}: {e.strerror}")
 
     def after(self, n: int, o: Outcome | None, error) -> float:
         """Log the round's outcome; the delay before the next one."""

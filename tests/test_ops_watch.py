@@ -84,6 +84,11 @@ def test_watch_applies_edits_between_rounds_and_stops_on_sigterm(test_unix_uri, 
     assert "watch: round 1" in out and "changed: [VirtualMachine/" in out
     assert "SIGTERM" in err and "Traceback" not in err
     assert _sample(metrics.read_text(), "reconciler_last_run_success") == 1
+    # Each round also writes the figures `status` writes: the VM's, beside the run series.
+    from prometheus_client.parser import text_string_to_metric_families
+    fams = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
+    assert any(s.labels.get("vm") == f"{prefix}vm" for s in fams["reconciler_vm_managed"].samples)
+    assert "reconciler_host_cpus" in fams and "reconciler_drift" in fams
     # The watch left the host as declared: two more applies change nothing.
     for _ in range(2):
         r = cli("apply", str(m), "--libvirt-uri", test_unix_uri)

@@ -120,13 +120,13 @@ def write_metrics(path: str, outcomes: Iterable[Outcome], *, by_host: bool = Fal
 
 
 def write_registry(path: str, *registries: CollectorRegistry) -> None:
-    """One or more registries into one textfile, atomically, readable by node_exporter (0644)."""
+    """One or more registries into one textfile, atomically, readable by node_exporter (0644). A family
+    two registries both have is written once, from the first (node_exporter refuses duplicates)."""
     if len(registries) == 1:
         reg = registries[0]
     else:
         reg = CollectorRegistry(auto_describe=False)
-        for r in registries:
-            reg.register(_Merged(r))
+        reg.register(_Merged(registries))
     write_to_textfile(path, reg)
     try:
         os.chmod(path, 0o644)
@@ -135,10 +135,15 @@ def write_registry(path: str, *registries: CollectorRegistry) -> None:
 
 
 class _Merged:
-    """Another registry's families, collected into this one (status figures beside run series)."""
+    """Other registries' families collected as one (a watch's VM and broker figures beside its run series)."""
 
-    def __init__(self, reg: CollectorRegistry):
-        self.reg = reg
+    def __init__(self, registries):
+        self.registries = registries
 
     def collect(self):
-        return self.reg.collect()
+        seen: set[str] = set()
+        for reg in self.registries:
+            for fam in reg.collect():
+                if fam.name not in seen:
+                    seen.add(fam.name)
+                    yield fam
