@@ -14,8 +14,6 @@ import re
 import time as _time
 from typing import Any
 
-import yaml
-
 LABEL = "cidata"
 # The seed's user data is read whole by cloud-init; the secret reader caps a file source at 64 KiB
 # and a seed is a CD-ROM image in a pool, not a place for payloads: ship those on a disk.
@@ -66,6 +64,7 @@ def check_user_data(text: str, quote: bool = True) -> str | None:
         return ("user data must start with '#cloud-config' (a YAML config) or '#!' (a script); "
                 f"cloud-init ignores anything else{shown}")
     if first.startswith("#cloud-config") and not first.startswith("#cloud-config-archive"):
+        import yaml   # here, not at the top: `reconciler --help` should not pay for it
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -92,6 +91,7 @@ def render_user_data(template: str, secrets: dict[str, str]) -> str:
 
 
 def _yaml(data: Any) -> bytes:
+    import yaml
     return yaml.safe_dump(data, default_flow_style=False, sort_keys=True, allow_unicode=True).encode("utf-8")
 
 
