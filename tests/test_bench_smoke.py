@@ -32,7 +32,13 @@ def test_bench_runs_at_tiny_size_and_prints_every_figure(tmp_path):
     for row in res["scale"]:
         assert row["plan_s"] > 0 and row["floor_s"] > 0 and row["plan_rss_mib"] > 0
     assert res["apply"]["vms"] == 5 and res["apply"]["floor_s"] > 0
-    assert {t["met"] for t in res["targets"]} <= {True, False}
+    # Each verdict follows from its own measured figure (a bench that printed MET for a missed target
+    # would be caught here; the figures themselves are make bench's business, not a test's).
+    verdicts = {t["target"]: t["met"] for t in res["targets"]}
+    apply_t = next(k for k in verdicts if k.startswith("apply creating 5 VMs"))
+    assert verdicts[apply_t] == (res["apply"]["ratio"] <= 1.5)
+    rss_t = next(k for k in verdicts if "peak RSS at N=5" in k)
+    assert verdicts[rss_t] == (res["scale"][-1]["plan_rss_mib"] < 200)
     w = res["watch"]
     assert "failed" not in w, w
     assert w["vm_suspended"]["n"] == w["retained_overwritten"]["n"] == w["acl_removed"]["n"] == 1
