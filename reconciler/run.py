@@ -98,7 +98,11 @@ def reconcile(paths: list[str], targets: Targets, options: Options, *, apply: bo
             snapshot = read_all(providers, say, resources)
             plan = planner.plan(resources, snapshot, options)
             if review is not None:
-                plan = review(plan, loaded.digest)
+                try:
+                    plan = review(plan, loaded.digest)
+                except ReconcilerError as e:
+                    # A refused saved plan is the whole answer: no fresh plan's summary beside it.
+                    return Outcome(apply, error=error_of(e), host=host, digest=loaded.digest)
             if say:
                 say(f"planned: {len(plan.actions)} actions, {len(plan.unchanged)} in sync, {len(plan.orphans)} orphans")
             if not apply:
