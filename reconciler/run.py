@@ -10,7 +10,7 @@ from typing import Callable
 from . import manifests, planner
 from .config import Targets
 from .errors import LockError, ManifestError, ReconcilerError, TargetError
-from .kinds.registry import of_target
+from .kinds.registry import of_target, to_read
 from .model import Options, Plan, Result, Snapshot
 from .outcome import Outcome, RunError
 
@@ -41,14 +41,16 @@ def unique(providers: dict) -> list:
     return seen
 
 
-def read_all(providers: dict, say: Callable[[str], None] | None = None, desired=()) -> Snapshot:
+def read_all(providers: dict, say: Callable[[str], None] | None = None, desired=(),
+             kinds: frozenset[str] | None = None) -> Snapshot:
     """Every provider's bulk read merged into one snapshot; `say` reports what each read cost.
     `desired` (the declared resources) lets a provider read what only a declared value can tell
-    (the broker tests each declared client's password by a login)."""
+    (the broker tests each declared client's password by a login); `kinds`: only these (default all)."""
     snap = Snapshot()
     for p in unique(providers):
         started = time.monotonic()
-        part = p.read(frozenset(k for k, q in providers.items() if q is p), desired)
+        mine = frozenset(k for k, q in providers.items() if q is p and (kinds is None or k in kinds))
+        part = p.read(mine, desired)
         if say:
             say(f"read {p.target()}: {len(part.objects)} live objects in {time.monotonic() - started:.2f}s")
         snap = snap.merged(part)
@@ -95,7 +97,7 @@ def reconcile(paths: list[str], targets: Targets, options: Options, *, apply: bo
                     stack.enter_context(TargetLock(p.target(), lock_timeout))
             if say:
                 say(f"loaded {len(resources)} resources from {', '.join(paths)}")
-            snapshot = read_all(providers, say, resources)
+            snapshot = read_all(providers, say, resources, to_read({r.id.kind for r in resources}))
             plan = planner.plan(resources, snapshot, options)
             if review is not None:
                 try:

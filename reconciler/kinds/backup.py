@@ -411,6 +411,7 @@ class RestoreRules:
     kind = "Restore"
     target = "libvirt"
     prunable = False
+    consults = ("Snapshot", "BackupPolicy")     # what it restores from
 
     @staticmethod
     def check(name: str, spec: dict):

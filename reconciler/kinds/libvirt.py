@@ -496,6 +496,7 @@ class VirtualMachineRules:
     kind = "VirtualMachine"
     target = "libvirt"
     prunable = True
+    consults = ("Snapshot",)     # a VM with snapshots is not deleted nor replaced
     show = staticmethod(show)
     to_manifest = staticmethod(lambda live, ctx: _vm_to_manifest(live, ctx))
     export_needs = staticmethod(lambda live, ctx: _vm_export_needs(live, ctx))

@@ -8,6 +8,7 @@ A kind is one object (today a class of static methods) with:
   normalise(spec) -> spec                    units in bytes, defaults filled
   references(spec) -> [(kind, name, path)]   names of other declared objects it needs
   resolve_paths(spec, base) -> spec          (optional) relative paths against the manifest's folder
+  consults                                   (optional) kinds whose live objects its rules read besides its own
   classify(desired, live, ctx) -> [Action]   PURE: desired vs live, each action with its reason
 Adding a kind = a module with that object + reconciler/schemas/<Kind>.json + its provider handlers,
 and one line in KINDS below (its position is its creation order; deletions run in reverse).
@@ -39,6 +40,20 @@ NAMES = tuple(k.kind for k in KINDS)
 # Creation order; deletions run in the reverse of it.
 ORDER = {k.kind: i for i, k in enumerate(KINDS)}
 PRUNABLE = frozenset(k.kind for k in KINDS if k.prunable)
+
+
+def to_read(declared: set[str]) -> frozenset[str]:
+    """The kinds a plan of `declared` kinds must read: those, every prunable kind (--prune deletes managed
+    objects no manifest declares), and what their rules consult (`consults`: a VM may not be deleted
+    while it has snapshots). A VM-only repository never lists networks or backup volumes."""
+    out = set(declared) | set(PRUNABLE)
+    todo = list(out)
+    while todo:
+        for k in getattr(BY_NAME.get(todo.pop()), "consults", ()):
+            if k not in out:
+                out.add(k)
+                todo.append(k)
+    return frozenset(out)
 
 
 def of_target(target: str) -> tuple[str, ...]:
