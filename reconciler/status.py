@@ -201,11 +201,11 @@ def status(paths: list[str], targets, options: Options = Options(), *, sample_se
 
 def _read(providers: dict):
     """The same bulk reads as `plan` (run.read_all), each provider closed afterwards."""
-    from .run import read_all
+    from .run import read_all, unique
     try:
         return read_all(providers)
     finally:
-        for p in {id(p): p for p in providers.values()}.values():
+        for p in unique(providers):
             p.close()
 
 
