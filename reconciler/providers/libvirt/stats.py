@@ -200,10 +200,12 @@ class StatsReader:
         ok, doms = _with_timeout(lambda: self.conn.listAllDomains(0), self.timeout)
         if not ok:
             raise TargetError(f"libvirt at {self.uri} did not list its domains within {self.timeout:g}s")
-        flags = NOWAIT if self.nowait else 0
+        # Without NOWAIT here: each domain has its own thread and the deadline below, so waiting for a
+        # job another caller holds for a moment (libvirt handling a guest event) is safe, and a healthy
+        # VM is not shown stale because its monitor was briefly busy when this one call came.
 
         def one(dom) -> DomainStats:
-            [(d, rec)] = self.conn.domainListGetStats([dom], STATS, flags)
+            [(d, rec)] = self.conn.domainListGetStats([dom], STATS, 0)
             return parse(d.name(), rec, self.driver)
 
         # Daemon workers (a ThreadPoolExecutor's threads are joined at exit: one stuck call would
