@@ -181,6 +181,19 @@ def test_adopted_client_gets_its_password_set_once(monkeypatch):
     assert "password not set by reconciler" in a.reason
 
 
+def test_a_login_the_broker_accepts_settles_the_password_without_a_fingerprint(monkeypatch):
+    """Set by hand to the declared value (no fingerprint of ours): the accepted login is the proof."""
+    monkeypatch.setenv("RECON_TEST_PW", "pw-1")
+    r = parse("MqttClient", "c", {"password": {"fromEnv": "RECON_TEST_PW"}})
+    live = Live(ResourceId("MqttClient", "c"), {"roles": [], "groups": [], "disabled": False, "clientId": None},
+                {}, True, {"fingerprint": fingerprint("pw-0"), "login": "accepted"})
+    p = planner.plan([r], Snapshot({live.id: live}), Options())
+    assert p.actions == () and len(p.unchanged) == 1
+    refused = Live(live.id, live.spec, {}, True, {"fingerprint": fingerprint("pw-1"), "login": "refused"})
+    (a,) = planner.plan([r], Snapshot({live.id: refused}), Options()).actions
+    assert a.fields == ["spec.password"] and "refused" in a.reason
+
+
 # --------------------------------------------------------------------------- provider without a broker
 
 def test_constructing_the_provider_does_not_connect():

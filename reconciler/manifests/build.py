@@ -179,9 +179,15 @@ def _xml_unsafe(data: Any, path: tuple = ()) -> tuple[tuple, str] | None:
     return None
 
 
+_KINDS: list = []
+
+
 def _kinds():
-    from ..kinds.registry import BY_NAME
-    return BY_NAME
+    # Imported on first use (the registry imports every kind), then kept: called once per document.
+    if not _KINDS:
+        from ..kinds.registry import BY_NAME
+        _KINDS.append(BY_NAME)
+    return _KINDS[0]
 
 
 def build_one(doc: Document) -> Resource:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import marshal
 import os
-import stat
 import tempfile
 import time
 from pathlib import Path
@@ -30,27 +29,10 @@ _state: dict[str, Any] = {}
 
 
 def _folder() -> Path | None:
-    if "folder" in _state:
-        return _state["folder"]
-    folder: Path | None = None
-    if os.environ.get("RECONCILER_CACHE", "").lower() not in ("off", "0", "no", "false"):
-        base = os.environ.get("RECONCILER_CACHE_DIR")
-        if base:
-            folder = Path(base)
-        else:
-            xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-            folder = Path(xdg) / "reconciler"
-        folder = folder / "yaml"
-        try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            st = folder.stat()
-            # Someone else's folder, or one others may write to: its entries could be planted.
-            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or not stat.S_ISDIR(st.st_mode):
-                folder = None
-        except OSError:
-            folder = None
-    _state["folder"] = folder
-    return folder
+    if "folder" not in _state:
+        from ..cachedir import folder
+        _state["folder"] = folder("yaml")
+    return _state["folder"]
 
 
 def _parser_id() -> bytes:

@@ -14,13 +14,14 @@ from ...errors import ApplyError, TargetError
 from ...model import Action, HostFacts, Live, Options, ResourceId, Snapshot
 from . import bootxml, domxml, images
 from .handlers import HANDLERS, READERS
+from .xmlcache import ParseCache
 
 LIVE_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
 # A live detach needs the guest's cooperation; past this wait the detach is left for the restart.
 DETACH_WAIT = 3.0
 CONNECT_TIMEOUT = 20.0
 # Threads for independent XMLDesc calls; libvirt-python releases the GIL during RPCs.
-READ_THREADS = 4
+READ_THREADS = 8
 
 
 def _quiet_errors(ctx, err) -> None:
@@ -156,7 +157,7 @@ class LibvirtProvider:
 
         def volume(vol: libvirt.virStorageVol) -> Any:
             try:
-                return domxml.parse_volume(vol.XMLDesc(0))
+                return vol.XMLDesc(0)
             except libvirt.libvirtError as e:
                 if _vanished(e):
                     return None
@@ -165,19 +166,22 @@ class LibvirtProvider:
                 raise
 
         def describe(dom: libvirt.virDomain) -> tuple | None:
-            # Each XML document is fetched and parsed once, in the worker, while other workers wait on RPCs.
             name = dom.name()
             try:
-                parsed = domxml.parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-                live_spec = domxml.parse_domain(dom.XMLDesc(0))["spec"] if name in active_names else None
+                config = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                running = dom.XMLDesc(0) if name in active_names else None
             except libvirt.libvirtError as e:
                 if _vanished(e):
                     return None
                 raise
-            return name, parsed, live_spec
+            return name, config, running
 
-        # One bulk list per kind, then every per-object XMLDesc on a small pool of threads sharing the
-        # one connection (libvirt-python releases the GIL during RPCs): pools, volumes and domains overlap.
+        # One bulk list per kind, then every per-object XMLDesc on a pool of threads sharing the one
+        # connection (libvirt-python releases the GIL during RPCs): pools, volumes and domains overlap.
+        # The workers only fetch; the documents are parsed here once all have arrived. Parsing in the
+        # workers was measured slower (0.82-0.95 s against 0.55-0.74 s for 1,000 domains and 1,000
+        # volumes): a worker parsing holds the GIL for a whole switch interval while the others' RPC
+        # replies wait for it, so the RPCs no longer overlap.
         with ThreadPoolExecutor(READ_THREADS) as ex:
             lists = [ex.submit(conn.listAllDomains, f) for f in flags]
             heads = [h for h in ex.map(pool_head, conn.listAllStoragePools(0)) if h is not None]
@@ -189,30 +193,36 @@ class LibvirtProvider:
             active_names = running | paused
             dom_jobs = [ex.submit(describe, d) for d in domains]
 
-            for (info, active, vols, pool_autostart), jobs in zip(heads, vol_jobs):
-                read = [job.result() for job in jobs]
-                if any(v is _POOL_STOPPED for v in read):
-                    active = False
-                pools[info["name"]] = info["path"]
-                objects[ResourceId("StoragePool", info["name"])] = Live(
-                    ResourceId("StoragePool", info["name"]),
-                    {"type": info["type"], "path": (info["path"] or "").rstrip("/") or "/",
-                     "autostart": pool_autostart, "state": "present"},
-                    facts={"active": active, "volumes": len(vols)})
-                for v in read:
-                    if v is None or v is _POOL_STOPPED:
-                        continue
-                    v["pool"] = info["name"]
-                    rid = ResourceId("Disk", v["name"])
-                    if rid in objects:
-                        continue  # the same volume name in two pools: the first pool (by listing) wins
-                    path_to_disk[v["path"]] = v["name"]
-                    objects[rid] = Live(rid, {"pool": info["name"], "capacity": v["capacity"], "format": v["format"],
-                                              "backingStore": v["backingStore"], "state": "present"},
-                                        facts={"path": v["path"]})
+            fetched = [[job.result() for job in jobs] for jobs in vol_jobs]
             described = [d for d in (j.result() for j in dom_jobs) if d is not None]
+        # Parsed through the content-addressed cache: a document read before is not parsed again.
+        cache = ParseCache(self.uri)
+        for (info, active, vols, pool_autostart), docs in zip(heads, fetched):
+            read = [x if x is None or x is _POOL_STOPPED else cache.parse("volume", x, domxml.parse_volume)
+                    for x in docs]
+            if any(v is _POOL_STOPPED for v in read):
+                active = False
+            pools[info["name"]] = info["path"]
+            objects[ResourceId("StoragePool", info["name"])] = Live(
+                ResourceId("StoragePool", info["name"]),
+                {"type": info["type"], "path": (info["path"] or "").rstrip("/") or "/",
+                 "autostart": pool_autostart, "state": "present"},
+                facts={"active": active, "volumes": len(vols)})
+            for v in read:
+                if v is None or v is _POOL_STOPPED:
+                    continue
+                v["pool"] = info["name"]
+                rid = ResourceId("Disk", v["name"])
+                if rid in objects:
+                    continue  # the same volume name in two pools: the first pool (by listing) wins
+                path_to_disk[v["path"]] = v["name"]
+                objects[rid] = Live(rid, {"pool": info["name"], "capacity": v["capacity"], "format": v["format"],
+                                          "backingStore": v["backingStore"], "state": "present"},
+                                    facts={"path": v["path"]})
 
-        for name, parsed, live_spec in described:
+        for name, config, running_xml in described:
+            parsed = cache.parse("domain", config, domxml.parse_domain)
+            live_spec = cache.parse("domain", running_xml, domxml.parse_domain)["spec"] if running_xml is not None else None
             state = "running" if name in running else "paused" if name in paused else "shutoff"
             facts: dict[str, Any] = {"state": state, "autostart": name in autostart, "uuid": parsed["uuid"]}
             if live_spec is not None:
@@ -228,6 +238,7 @@ class LibvirtProvider:
                 objects.pop(ResourceId("Disk", path_to_disk[seed["path"]]), None)
             rid = ResourceId("VirtualMachine", name)
             objects[rid] = Live(rid, parsed["spec"], parsed["labels"], parsed["managed"], facts, parsed["scope"])
+        cache.save()
         return Snapshot(objects, HostFacts(machine_aliases=self._machine_aliases(),
                                            hypervisor_access=self._access(pools, set(folders))))
 
