@@ -23,6 +23,7 @@ import marshal
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +43,7 @@ def _parser_id() -> bytes:
 
 
 class ParseCache:
-    """One read's view of the cache of one libvirt URI: `parse` through it, then `save`."""
+    """One read's view of the cache of one libvirt URI: `parse` through it (from any thread), then `save`."""
 
     def __init__(self, uri: str):
         from ...cachedir import folder
@@ -50,6 +51,7 @@ class ParseCache:
         self._old: dict[bytes, bytes] = {}
         self._used: dict[bytes, bytes] = {}
         self.hits = self.misses = 0
+        self._lock = threading.Lock()      # the read's worker threads parse through one cache
         if self._dir is None:
             return
         self._file = self._dir / hashlib.sha256(_parser_id() + uri.encode()).hexdigest()
@@ -75,17 +77,21 @@ class ParseCache:
         if blob is not None:
             try:
                 value = marshal.loads(blob)
-                self._used[key] = blob
-                self.hits += 1
+                with self._lock:
+                    self._used[key] = blob
+                    self.hits += 1
                 return value
             except (ValueError, EOFError, TypeError):
                 pass
         value = parser(text)
-        self.misses += 1
         try:
-            self._used[key] = marshal.dumps(value)
+            blob = marshal.dumps(value)
         except ValueError:
-            pass      # a value marshal cannot hold: parsed each time
+            blob = None      # a value marshal cannot hold: parsed each time
+        with self._lock:
+            self.misses += 1
+            if blob is not None:
+                self._used[key] = blob
         return value
 
     def save(self) -> None:

@@ -84,6 +84,7 @@ class Connection:
         self.ids_are_usernames: bool | None = None
         self._tls_session = None
         self._probe_ctx: ssl.SSLContext | None = None
+        self._raw_sweep_failed = False      # rawsweep.py could not sweep here once: paho from then on
         # Names this session's sentinel topic and correlation data, whatever client id it gets.
         self._token = f"reconciler-{uuid.uuid4().hex[:12]}"
         self._cond = threading.Condition()
@@ -374,7 +375,26 @@ class Connection:
     # ------------------------------------------------------------------ retained messages
 
     def sweep(self, topic_filter: str = "#", timeout: float = 30.0) -> dict[str, RetainedMessage]:
-        """Every retained message matching `topic_filter` (`#`, or one topic), read in one burst."""
+        """Every retained message matching `topic_filter` (`#`, or one topic), read in one burst.
+
+        Read by rawsweep.py on a short connection of its own where that is safe (the broker assigns
+        client ids, so a second login takes over nobody's session); anything it does not handle is
+        swept here with paho instead, which also explains any refusal."""
+        if self.ids_are_usernames is False and not self._raw_sweep_failed:
+            from . import rawsweep
+            ctx = None
+            try:
+                if self.scheme == "mqtts":
+                    ctx = self._probe_context()
+                return rawsweep.sweep(self.host, self.port, ctx, self.username, self._password, [topic_filter],
+                                      SENTINEL_PREFIX + self._token + "/raw", timeout, RetainedMessage)
+            except rawsweep.SweepUnsupported:
+                self._raw_sweep_failed = True
+            except (TimeoutError, socket.timeout):
+                raise TargetError(f"broker {self.url} did not finish the retained-message sweep within "
+                                  f"{timeout:g}s: the broker dropped messages queued for this session (its "
+                                  f"max_queued_messages is smaller than the retained messages under "
+                                  f"{topic_filter!r})") from None
         return self._sweep_burst([topic_filter], timeout)
 
     def sweep_topics(self, topics: list[str], timeout: float = 30.0) -> dict[str, RetainedMessage]:
@@ -453,18 +473,19 @@ class Connection:
         leaves nothing behind. Raises TargetError when a login cannot be made at all."""
         if not logins:
             return {}
-        ctx = None
-        if self.scheme == "mqtts":
-            # One context for every probe of this connection: a TLS session resumes only in its own.
-            if self._probe_ctx is None:
-                try:
-                    self._probe_ctx = ssl.create_default_context(cafile=self.cafile)
-                except (OSError, ssl.SSLError) as e:
-                    raise TargetError(f"cannot use CA file {self.cafile}: {getattr(e, 'strerror', None) or e}") from None
-            ctx = self._probe_ctx
+        ctx = self._probe_context() if self.scheme == "mqtts" else None
         with ThreadPoolExecutor(min(PROBE_WORKERS, len(logins)), thread_name_prefix="mqtt-probe") as pool:
             codes = list(pool.map(lambda up: self._probe(ctx, *up), logins))
         return {u: c for (u, _), c in zip(logins, codes)}
+
+    def _probe_context(self) -> ssl.SSLContext:
+        # One context for every probe of this connection: a TLS session resumes only in its own.
+        if self._probe_ctx is None:
+            try:
+                self._probe_ctx = ssl.create_default_context(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as e:
+                raise TargetError(f"cannot use CA file {self.cafile}: {getattr(e, 'strerror', None) or e}") from None
+        return self._probe_ctx
 
     def _probe(self, ctx: ssl.SSLContext | None, username: str, password: str) -> int:
         packet = _connect_packet(f"reconciler-probe-{uuid.uuid4().hex}", username, password)
