@@ -58,6 +58,10 @@ def main(mdir: str) -> dict:
         t = clock()
         docs = parse_texts(texts)
         out["yaml_cached_s"] = clock() - t
+    # Back to the user's cache folder (the temp one is gone): the reads below use the libvirt XML
+    # cache as a plan does.
+    os.environ.pop("RECONCILER_CACHE_DIR", None)
+    parse_cache._state.clear()
 
     # JSON Schema: jsonschema-rs's "valid?" (used) vs jsonschema's full validation (the error path).
     for doc in docs:
