@@ -11,6 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from helpers import doc, write
 from mqtt_fixtures import mq  # noqa: F401  (a fixture)
 from reconciler.providers.mosquitto import rawsweep
 from reconciler.providers.mosquitto.connection import Connection
@@ -49,16 +50,16 @@ def test_the_raw_sweep_finds_what_paho_finds(mq):  # noqa: F811
     c.open()
     try:
         assert c.ids_are_usernames is False
-        raw = c.sweep("#")
+        raw = c.read_retained("#")
         assert not c._raw_sweep_failed, "the raw reader handed over to paho"
-        by_paho = c._sweep_burst(["#"], 30)
+        by_paho = c.sweep("#")
         assert raw == by_paho
         assert {t for t in raw if t.startswith("raw/")} == {t for t, *_ in msgs}
         assert raw["raw/props"].user_properties == (("managed-by", "reconciler"), ("k", "v"))
         assert raw["raw/props"].payload == b"\x00\x01binary" and raw["raw/props"].qos == 1
         assert raw["raw/t2"].qos == 2 and raw["raw/t0"].qos == 0
-        one = c.sweep("raw/t7")
-        assert list(one) == ["raw/t7"] and one == c._sweep_burst(["raw/t7"], 30)
+        one = c.read_retained("raw/t7")
+        assert list(one) == ["raw/t7"] and one == c.sweep("raw/t7")
     finally:
         c.close()
     # Nothing left behind: the sweep's short sessions are gone (dynsec lists no client named after them
@@ -83,7 +84,7 @@ def test_a_refused_subscription_hands_over_to_paho(mq):  # noqa: F811
     try:
         from reconciler.errors import TargetError
         with pytest.raises(TargetError, match="may not subscribe"):
-            c.sweep("#")
+            c.read_retained("#")
         assert c._raw_sweep_failed
     finally:
         c.close()
@@ -92,3 +93,16 @@ def test_a_refused_subscription_hands_over_to_paho(mq):  # noqa: F811
 def test_a_wrong_password_is_not_a_sweep(mq):  # noqa: F811
     with pytest.raises(rawsweep.SweepUnsupported, match="CONNACK"):
         rawsweep.sweep("127.0.0.1", mq.port, None, "admin", "wrong", ["#"], "reconciler/sweep/x", 10, lambda *a: a)
+
+
+def test_topics_applied_twice_through_the_raw_sweep(mq, tmp_path):  # noqa: F811
+    """The CLI's reads use the raw sweep: 300 Topics applied twice (the second changes nothing), then a
+    message overwritten by hand is drift, and applying again restores it."""
+    docs = [doc("Topic", f"raw/cli/{i}", {"retained": {"json": {"i": i}, "qos": i % 3}}) for i in range(300)]
+    m = write(tmp_path / "topics.yaml", *docs)
+    mq.apply_twice(m)
+    mq.pub("raw/cli/7", '{"i": "by hand"}')
+    plan = mq.run("plan", str(m), "-o", "json")
+    assert plan.code == 2, plan.out + plan.err
+    assert [c["name"] for c in plan.json["changes"]] == ["raw/cli/7"]
+    mq.apply_twice(m)

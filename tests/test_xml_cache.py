@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from reconciler.model import ResourceId
+from reconciler import planner
+from reconciler.kinds import KIND_RULES
+from reconciler.model import Options, Resource, ResourceId
 from reconciler.providers.libvirt import LibvirtProvider, xmlcache
 from reconciler.providers.libvirt import domxml
 
@@ -127,3 +129,22 @@ def test_entries_the_host_no_longer_has_are_dropped(folder):
     c = xmlcache.ParseCache("test:///w")
     c.parse("domain", other, domxml.parse_domain)
     assert c.hits == 0
+
+
+def test_a_vm_applied_twice_plans_nothing_from_cached_documents(folder, monkeypatch):
+    """Create, then apply again: the second pass changes nothing; a third read parses no document."""
+    spec = {"hypervisor": "test", "memory": "128MiB", "vcpus": 1}
+    vm = Resource(ResourceId("VirtualMachine", "cached-vm"), KIND_RULES["VirtualMachine"].normalise(spec), {},
+                  declared=frozenset(spec))
+    p = LibvirtProvider("test:///default")
+    try:
+        for expected in (["create"], []):
+            plan = planner.plan([vm], p.read(frozenset()), Options())
+            assert [a.verb for a in plan.actions] == expected
+            for a in plan.actions:
+                p.apply(a, Options())
+        calls = counting(monkeypatch)
+        assert planner.plan([vm], p.read(frozenset()), Options()).actions == ()
+        assert calls == []
+    finally:
+        p.close()

@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ...errors import TargetError
+from . import rawsweep
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
@@ -375,13 +376,16 @@ class Connection:
     # ------------------------------------------------------------------ retained messages
 
     def sweep(self, topic_filter: str = "#", timeout: float = 30.0) -> dict[str, RetainedMessage]:
-        """Every retained message matching `topic_filter` (`#`, or one topic), read in one burst.
+        """Every retained message matching `topic_filter` (`#`, or one topic), read in one burst on this
+        session: ordered after everything this session published (a read-back sees our own publish)."""
+        return self._sweep_burst([topic_filter], timeout)
 
-        Read by rawsweep.py on a short connection of its own where that is safe (the broker assigns
-        client ids, so a second login takes over nobody's session); anything it does not handle is
-        swept here with paho instead, which also explains any refusal."""
+    def read_retained(self, topic_filter: str = "#", timeout: float = 30.0) -> dict[str, RetainedMessage]:
+        """The same messages as `sweep`, read by rawsweep.py on a short connection of its own where that
+        is safe (the broker assigns client ids, so a second login takes over nobody's session); anything
+        it does not handle is swept on this session with paho instead, which also explains any refusal.
+        A second connection is not ordered after this session's publishes: for a read, not a read-back."""
         if self.ids_are_usernames is False and not self._raw_sweep_failed:
-            from . import rawsweep
             ctx = None
             try:
                 if self.scheme == "mqtts":
@@ -395,7 +399,7 @@ class Connection:
                                   f"{timeout:g}s: the broker dropped messages queued for this session (its "
                                   f"max_queued_messages is smaller than the retained messages under "
                                   f"{topic_filter!r})") from None
-        return self._sweep_burst([topic_filter], timeout)
+        return self.sweep(topic_filter, timeout)
 
     def sweep_topics(self, topics: list[str], timeout: float = 30.0) -> dict[str, RetainedMessage]:
         """The retained messages of these topics, asked for by name, SWEEP_BATCH per subscription.

@@ -167,7 +167,7 @@ class MosquittoProvider:
         if "MqttClient" in kinds and passwords:
             self._test_passwords(conn, objects, passwords)
         if "Topic" in kinds:
-            found = conn.sweep("#")
+            found = conn.read_retained("#")
             missing = [t for t in declared_topics if t not in found]
             if missing:
                 found.update(conn.sweep_topics(missing))
@@ -420,7 +420,8 @@ class MosquittoProvider:
             conn.publish(topic, payload, qos=want["qos"], retain=True, user_properties=props)
             if want["qos"] != 1:
                 # QoS 0 has no acknowledgement, and paho ignores the reason code of a QoS 2 PUBREC:
-                # read the retained message back to know the broker kept this one.
+                # read the retained message back to know the broker kept this one. On this session
+                # (sweep, not read_retained): only there is the read ordered after our own publish.
                 got = conn.sweep(topic).get(topic)
                 if got is None or got.payload != payload or got.qos != want["qos"] \
                         or sorted(map(tuple, got.user_properties)) != sorted(map(tuple, props)):
