@@ -26,6 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ...errors import TargetError
 from . import rawsweep
+from .rawsweep import connect_packet
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
@@ -492,7 +493,7 @@ class Connection:
         return self._probe_ctx
 
     def _probe(self, ctx: ssl.SSLContext | None, username: str, password: str) -> int:
-        packet = _connect_packet(f"reconciler-probe-{uuid.uuid4().hex}", username, password)
+        packet = connect_packet(f"reconciler-probe-{uuid.uuid4().hex}", username, password, receive_maximum=None)
         try:
             sock = socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT)
         except OSError as e:
@@ -533,25 +534,6 @@ class Connection:
 
 class _ClientIdRefused(Exception):
     """The broker refused an empty client id (it assigns none)."""
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _connect_packet(client_id: str, username: str, password: str) -> bytes:
-    """An MQTT v5 CONNECT: user name, password, clean start, keep-alive 0, no properties (so the
-    session expires with the connection), no will."""
-    def s(b: bytes) -> bytes:
-        return len(b).to_bytes(2, "big") + b
-    body = s(b"MQTT") + bytes([5, 0xC2]) + b"\x00\x00" + b"\x00" \
-        + s(client_id.encode()) + s(username.encode()) + s(password.encode())
-    return b"\x10" + _varint(len(body)) + body
 
 
 def _read_exactly(sock, n: int) -> bytes:

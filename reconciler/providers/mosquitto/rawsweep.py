@@ -45,7 +45,11 @@ def _packet(first: int, body: bytes) -> bytes:
     return bytes([first]) + _varint(len(body)) + body
 
 
-def connect_packet(client_id: str, username: str | None, password: str | None) -> bytes:
+def connect_packet(client_id: str, username: str | None, password: str | None,
+                   receive_maximum: int | None = 65535) -> bytes:
+    """An MQTT v5 CONNECT: clean start, keep-alive 0, no will, no session expiry (the session ends with
+    the connection). The sweep asks for Receive Maximum 65535 (the whole burst in flight); the
+    password probes (connection.py) send no properties at all."""
     flags = 0x02                                   # clean start
     tail = b""
     if username is not None:
@@ -54,7 +58,7 @@ def connect_packet(client_id: str, username: str | None, password: str | None) -
         if password is not None:
             flags |= 0x40
             tail += _s(password.encode())
-    props = b"\x21\xff\xff"                        # Receive Maximum 65535: the whole burst in flight
+    props = b"" if receive_maximum is None else b"\x21" + receive_maximum.to_bytes(2, "big")
     body = _s(b"MQTT") + bytes([5, flags]) + b"\x00\x00" + _varint(len(props)) + props \
         + _s(client_id.encode()) + tail
     return _packet(0x10, body)
